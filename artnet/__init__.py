@@ -1,0 +1,3 @@
+"""artnet: given a painting, name the painter."""
+
+__version__ = "0.1.0"

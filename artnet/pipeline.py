@@ -1,0 +1,148 @@
+"""Ray Data pipeline: manifest rows -> bytes from storage -> decoded, augmented uint8 images, streamed to
+training consumers.
+
+The manifest (a few hundred bytes a row) is what gets shuffled; bytes are read afterwards inside the CPU
+`map_batches` workers, so nothing heavy moves through a shuffle and nothing is materialised. Images that cannot
+be read or decoded are dropped there and counted in a named `BadImageTally` actor that the driver reads.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import logging
+from collections import Counter, OrderedDict
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
+
+from artnet import storage, transforms
+from artnet.config import PipelineConfig
+
+log = logging.getLogger(__name__)
+
+MAX_EXAMPLES = 20
+
+
+@ray.remote(num_cpus=0)
+class BadImageTally:
+    """Counts skipped images by reason and keeps the first few URIs, so a run can report what it lost."""
+
+    def __init__(self):
+        self.by_reason: Counter = Counter()
+        self.examples: list[str] = []
+
+    def add(self, reason: str, uri: str) -> None:
+        self.by_reason[reason] += 1
+        if len(self.examples) < MAX_EXAMPLES:
+            self.examples.append(f"{uri}: {reason}")
+
+    def summary(self) -> dict:
+        return {"total": sum(self.by_reason.values()), "by_reason": dict(self.by_reason), "examples": self.examples}
+
+
+def new_tally():
+    """A tally actor for one run; pass it to `build_dataset` and read `.summary.remote()` afterwards."""
+    return BadImageTally.remote()
+
+
+class _ParquetRows:
+    """Random access to image bytes stored inside Parquet files (one row group cached per worker at a time
+    per file, which suits batches of rows that were catalogued file by file)."""
+
+    def __init__(self, capacity: int = 4):
+        self.capacity = capacity
+        self.groups: OrderedDict[tuple[str, int], list] = OrderedDict()
+
+    @staticmethod
+    @functools.lru_cache(maxsize=256)
+    def _layout(uri: str, settings: storage.S3Settings) -> tuple[pq.ParquetFile, np.ndarray]:
+        fs, path = storage.resolve(uri, settings)
+        pf = pq.ParquetFile(path, filesystem=fs)
+        starts = np.cumsum([0] + [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)])
+        return pf, starts
+
+    def get(self, uri: str, row: int, settings: storage.S3Settings) -> bytes:
+        pf, starts = self._layout(uri, settings)
+        group = int(np.searchsorted(starts, row, side="right") - 1)
+        cache_key = (uri, group)
+        if cache_key not in self.groups:
+            column = pf.read_row_group(group, columns=["image"]).column("image").to_pylist()
+            self.groups[cache_key] = column
+            if len(self.groups) > self.capacity:
+                self.groups.popitem(last=False)
+        value = self.groups[cache_key][row - int(starts[group])]
+        return value["bytes"] if isinstance(value, dict) else value
+
+
+_parquet_rows = _ParquetRows()
+
+
+def _rng_for(key: str, seed: int | None) -> np.random.Generator:
+    if seed is None:
+        return np.random.default_rng()
+    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
+    return np.random.default_rng([seed, int.from_bytes(digest, "big")])
+
+
+def load_images(batch: pa.Table, *, cfg: PipelineConfig, train: bool, settings: storage.S3Settings,
+                bad_images=None) -> dict[str, np.ndarray]:
+    """One Ray Data batch of manifest rows -> {"image", "label", "key"}; unusable images are dropped and counted."""
+    images, labels, keys = [], [], []
+    for key, uri, row, label in zip(batch["key"].to_pylist(), batch["uri"].to_pylist(),
+                                    batch["row"].to_pylist(), batch["label"].to_pylist()):
+        try:
+            data = _parquet_rows.get(uri, row, settings) if row >= 0 else storage.read_bytes(uri, settings)
+        except Exception as e:  # missing object, permissions, network: the run goes on without this image
+            reason, detail = "unreadable", f"{type(e).__name__}: {e}"
+        else:
+            try:
+                rng = _rng_for(key, cfg.seed) if train else None
+                images.append(transforms.preprocess(data, cfg.image_size, cfg.max_pixels, cfg.augment, rng))
+                labels.append(label)
+                keys.append(key)
+                continue
+            except transforms.BadImage as e:
+                reason, detail = e.reason, str(e)
+        log.warning("skipping %s (%s)", uri if row < 0 else f"{uri}#{row}", detail)
+        if bad_images is not None:
+            bad_images.add.remote(reason, uri if row < 0 else f"{uri}#{row}")
+    size = cfg.image_size
+    return {
+        "image": np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8),
+        "label": np.asarray(labels, dtype=np.int32),
+        "key": np.asarray(keys, dtype=object),
+    }
+
+
+def build_dataset(manifest: pa.Table, split: str, cfg: PipelineConfig, *, train: bool,
+                  bad_images=None, settings: storage.S3Settings | None = None) -> ray.data.Dataset:
+    """A lazy, streaming dataset of one split. With `train`, rows are reshuffled on every pass (epoch) and
+    augmented; otherwise images are centre-cropped in manifest order."""
+    cfg.validate()
+    rows = manifest.filter(pc.equal(manifest["split"], split))
+    if rows.num_rows == 0:
+        raise ValueError(f"the manifest has no '{split}' images")
+    # Many small blocks, so decoding fans out over all CPU workers instead of one task per split.
+    block_rows = max(cfg.decode_batch, 4 * cfg.decode_batch)
+    ds = ray.data.from_arrow([rows.slice(i, block_rows) for i in range(0, rows.num_rows, block_rows)])
+    if train and cfg.shuffle:
+        ds = ds.random_shuffle(seed=cfg.seed)
+    return ds.map_batches(
+        load_images,
+        batch_size=cfg.decode_batch,
+        batch_format="pyarrow",
+        num_cpus=1,
+        fn_kwargs={"cfg": cfg, "train": train, "settings": settings or storage.S3Settings.from_env(),
+                   "bad_images": bad_images},
+    )
+
+
+def shards(ds: ray.data.Dataset, n: int, *, equal: bool = True) -> list:
+    """Split a dataset into `n` streaming iterators, one per training consumer, read concurrently.
+    `equal=True` trims the remainder so every consumer runs the same number of steps."""
+    return ds.streaming_split(n, equal=equal)

@@ -1,0 +1,166 @@
+"""Pure image transforms: bytes -> RGB uint8 array of a fixed size.
+
+Decoding accepts any mode PIL can read (greyscale, CMYK, palette, alpha, 16-bit) and always yields RGB. Large
+JPEGs are decoded with PIL's draft mode (a DCT-domain downscale, ~2x faster than a full decode). Training
+augmentation is one affine resample (rotation, shift, shear, zoom, flip together) followed by colour jitter,
+so each image is resampled once. Everything is deterministic for a given numpy Generator.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from artnet.config import AugmentConfig
+
+# We enforce our own pixel limit (PipelineConfig.max_pixels); PIL's warning would only add noise.
+warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+
+FILL = (128, 128, 128)  # mid-grey for pixels an affine transform pulls from outside the image
+
+
+class BadImage(ValueError):
+    """An input that is not a usable image. `reason` is a short tag used to count skips."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        self.reason = reason
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+
+
+def decode(data: bytes, target: int, max_pixels: int) -> Image.Image:
+    """Decode to an RGB image whose shorter side is at least `target` where the source allows it."""
+    if not data:
+        raise BadImage("empty", "zero-byte file")
+    try:
+        img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        raise BadImage("too_large", str(e)) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise BadImage("not_an_image", str(e)) from None
+    width, height = img.size
+    if width * height > max_pixels:
+        raise BadImage("too_large", f"{width}x{height} is over the {max_pixels:,}-pixel limit")
+    if img.format == "JPEG":
+        img.draft("RGB" if img.mode == "RGB" else None, (target, target))
+    try:
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        img = _to_rgb(img)
+    except BadImage:
+        raise
+    except Exception as e:  # truncated data, broken chunks, codec errors: all mean "unusable"
+        raise BadImage("corrupt", f"{type(e).__name__}: {e}") from None
+    factor = min(img.size) // target
+    return img.reduce(factor) if factor >= 2 else img
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float32)
+        if arr.max(initial=0) > 255:  # 16-bit data: map 0..65535 onto 0..255
+            arr = arr / 257.0
+        grey = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "L")
+        return grey.convert("RGB")
+    if mode in ("RGBA", "LA", "PA", "La", "RGBa") or (mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))  # paintings are shown on white
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if mode == "RGB":
+        return img
+    try:
+        return img.convert("RGB")
+    except ValueError as e:
+        raise BadImage("unsupported_mode", f"cannot convert mode {mode} to RGB: {e}") from None
+
+
+@dataclass(frozen=True)
+class Affine:
+    """One geometric augmentation. rotation/shear in degrees, shifts as a fraction of the crop, zoom > 1 zooms in."""
+
+    rotation: float = 0.0
+    shift_x: float = 0.0
+    shift_y: float = 0.0
+    shear: float = 0.0
+    zoom: float = 1.0
+    flip: bool = False
+
+
+IDENTITY = Affine()
+
+
+def sample_affine(rng: np.random.Generator, cfg: AugmentConfig) -> Affine:
+    return Affine(
+        rotation=float(rng.uniform(-cfg.rotation, cfg.rotation)),
+        shift_x=float(rng.uniform(-cfg.shift, cfg.shift)),
+        shift_y=float(rng.uniform(-cfg.shift, cfg.shift)),
+        shear=float(rng.uniform(-cfg.shear, cfg.shear)),
+        zoom=float(rng.uniform(1 - cfg.zoom, 1 + cfg.zoom)),
+        flip=bool(cfg.hflip and rng.random() < 0.5),
+    )
+
+
+def affine_matrix(t: Affine, src_size: tuple[int, int], size: int) -> tuple[float, ...]:
+    """PIL AFFINE coefficients mapping output pixels to source pixels: the centred square crop of the source,
+    transformed by `t`. IDENTITY gives the plain centre crop resized to `size`."""
+    width, height = src_size
+    side = min(width, height)
+    theta, shear = math.radians(t.rotation), math.radians(t.shear)
+    rot = np.array([[math.cos(theta), -math.sin(theta)], [math.sin(theta), math.cos(theta)]])
+    shr = np.array([[1.0, math.tan(shear)], [0.0, 1.0]])
+    flip = np.diag([-1.0 if t.flip else 1.0, 1.0])
+    a = (side / size / t.zoom) * rot @ shr @ flip
+    centre_src = np.array([width / 2 + t.shift_x * side, height / 2 + t.shift_y * side])
+    offset = centre_src - a @ np.array([size / 2, size / 2])
+    return (a[0, 0], a[0, 1], offset[0], a[1, 0], a[1, 1], offset[1])
+
+
+def affine_crop(img: Image.Image, size: int, t: Affine = IDENTITY) -> Image.Image:
+    """Resample once. A transformed crop can reach past the image, so the source is first mirrored outwards
+    by a quarter of its shorter side: reflected paint looks like paint, a grey border would be a label leak."""
+    a, b, c, d, e, f = affine_matrix(t, img.size, size)
+    if t != IDENTITY:
+        margin = min(img.size) // 4
+        padded = np.pad(np.asarray(img), ((margin, margin), (margin, margin), (0, 0)), mode="reflect")
+        img, c, f = Image.fromarray(padded), c + margin, f + margin
+    return img.transform((size, size), Image.Transform.AFFINE, (a, b, c, d, e, f),
+                         resample=Image.Resampling.BILINEAR, fillcolor=FILL)
+
+
+def colour_jitter(arr: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig) -> np.ndarray:
+    """Brightness, contrast and saturation factors drawn from [1-x, 1+x]; float32 in, float32 out."""
+    arr = arr * rng.uniform(1 - cfg.brightness, 1 + cfg.brightness)
+    mean = arr.mean()
+    arr = (arr - mean) * rng.uniform(1 - cfg.contrast, 1 + cfg.contrast) + mean
+    grey = arr @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    arr = grey[..., None] + (arr - grey[..., None]) * rng.uniform(1 - cfg.saturation, 1 + cfg.saturation)
+    return arr
+
+
+def standardize(arr: np.ndarray) -> np.ndarray:
+    """Per-image whitening, mapped back onto the 0..255 range (mean 127.5, std 64) so that the model's own
+    preprocessing, which expects raw RGB, still applies."""
+    std = max(float(arr.std()), 1.0)
+    return (arr - arr.mean()) / std * 64.0 + 127.5
+
+
+def preprocess(data: bytes, size: int, max_pixels: int, augment: AugmentConfig,
+               rng: np.random.Generator | None = None) -> np.ndarray:
+    """Bytes -> (size, size, 3) uint8. With `rng` the training augmentations apply; without, a centre crop."""
+    img = decode(data, size, max_pixels)
+    if rng is None:
+        out = affine_crop(img, size)
+        if not augment.standardize:
+            return np.asarray(out, dtype=np.uint8)
+        arr = np.asarray(out, dtype=np.float32)
+    else:
+        arr = np.asarray(affine_crop(img, size, sample_affine(rng, augment)), dtype=np.float32)
+        arr = colour_jitter(arr, rng, augment)
+    if augment.standardize:
+        arr = standardize(arr)
+    return np.clip(np.rint(arr), 0, 255).astype(np.uint8)

@@ -196,11 +196,12 @@ def read_parquet_images(source: str) -> Listing:
     for info in storage.list_files(source):
         if not info.path.endswith(".parquet"):
             continue
-        schema = pq.read_schema(info.path, filesystem=fs)
+        pf = pq.ParquetFile(info.path, filesystem=fs)
+        schema = pf.schema_arrow
         artist_col = _pick_column(schema.names, ARTIST_COLUMNS, "artist", info.path)
         names = _label_names(schema, artist_col)
         has_path = "image" in schema.names and pa.types.is_struct(schema.field("image").type)
-        table = pq.read_table(info.path, filesystem=fs, columns=[artist_col] + (["image.path"] if has_path else []))
+        table = pf.read(columns=[artist_col] + (["image.path"] if has_path else []))
         artists = table[artist_col].to_pylist()
         image_paths = [(p or {}).get("path") for p in table["image"].to_pylist()] if has_path else [None] * len(artists)
         rel = _relative(info.path, fs_root) if info.path != fs_root else posixpath.basename(info.path)

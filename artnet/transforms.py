@@ -121,11 +121,15 @@ def affine_matrix(t: Affine, src_size: tuple[int, int], size: int) -> tuple[floa
 
 
 def affine_crop(img: Image.Image, size: int, t: Affine = IDENTITY) -> Image.Image:
-    """Resample once. A transformed crop can reach past the image, so the source is first mirrored outwards
-    by a quarter of its shorter side: reflected paint looks like paint, a grey border would be a label leak."""
+    """Resample once. A transformed crop can reach past the image; the source is then mirrored outwards just
+    far enough: reflected paint looks like paint, while a grey border would be a cue unrelated to the painter."""
     a, b, c, d, e, f = affine_matrix(t, img.size, size)
-    if t != IDENTITY:
-        margin = min(img.size) // 4
+    corners = np.array([[0, 0], [size, 0], [0, size], [size, size]], np.float64)
+    xs, ys = corners @ np.array([a, b]) + c, corners @ np.array([d, e]) + f
+    width, height = img.size
+    margin = math.ceil(max(0.0, -xs.min(), xs.max() - width, -ys.min(), ys.max() - height))
+    if margin:
+        margin += 1
         padded = np.pad(np.asarray(img), ((margin, margin), (margin, margin), (0, 0)), mode="reflect")
         img, c, f = Image.fromarray(padded), c + margin, f + margin
     return img.transform((size, size), Image.Transform.AFFINE, (a, b, c, d, e, f),

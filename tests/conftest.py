@@ -1,0 +1,133 @@
+"""Shared fixtures: a real local Ray cluster, a real HTTP S3 endpoint on loopback (moto server), and images of
+every kind a user's collection may hold, good and bad."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("ARTNET_SHARED", REPO.parent / "shared"))
+PAINTINGS = SHARED / "data" / "paintings"
+WEIGHTS = SHARED / "weights"
+
+requires_paintings = pytest.mark.skipif(not PAINTINGS.is_dir(), reason=f"real paintings not found at {PAINTINGS} "
+                                        "(set ARTNET_SHARED to the shared/ folder)")
+requires_weights = pytest.mark.skipif(not WEIGHTS.is_dir(), reason=f"pretrained weights not found at {WEIGHTS} "
+                                      "(set ARTNET_SHARED to the shared/ folder)")
+
+
+def jpeg_bytes(arr: np.ndarray, mode: str | None = None, quality: int = 90) -> bytes:
+    img = Image.fromarray(arr)
+    if mode:
+        img = img.convert(mode)
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def png_bytes(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def painting(seed: int, size=(96, 80), colour=None) -> np.ndarray:
+    """A random RGB picture; `colour` biases it so painters differ."""
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 255, (size[1], size[0], 3)).astype(np.float32)
+    if colour is not None:
+        arr = 0.3 * arr + 0.7 * np.array(colour, np.float32)
+    return arr.astype(np.uint8)
+
+
+def bad_files() -> dict[str, bytes]:
+    """name -> bytes for every kind of bad input, each under an image file name. Reason tag in the name."""
+    good = jpeg_bytes(painting(1))
+    bomb = Image.new("1", (9000, 8000))  # 72M pixels: over the 64M default limit, ~1 kB as PNG
+    return {
+        "zero_byte.jpg": b"",
+        "not_an_image.jpg": b"this is a text file, not a painting\n" * 20,
+        "truncated.jpg": good[: len(good) // 2],
+        "corrupt.jpg": good[:200] + bytes(np.random.default_rng(0).integers(0, 255, 2000, dtype=np.uint8)),
+        "huge.png": png_bytes(bomb),
+    }
+
+
+def odd_but_good_files() -> dict[str, bytes]:
+    """Valid images in modes other than 8-bit RGB: each must decode to RGB."""
+    arr = painting(2)
+    rgba = Image.fromarray(arr).convert("RGBA")
+    rgba.putalpha(128)
+    palette = Image.fromarray(arr).convert("P")
+    palette.info["transparency"] = 0
+    return {
+        "grey.jpg": jpeg_bytes(arr, "L"),
+        "cmyk.jpg": jpeg_bytes(arr, "CMYK"),
+        "alpha.png": png_bytes(rgba),
+        "palette.png": png_bytes(palette),
+        "sixteen_bit.png": png_bytes(Image.fromarray((arr[..., 0].astype(np.uint16) * 257))),
+    }
+
+
+def write_folder_set(root: Path, painters: dict[str, int], extra: dict[str, dict[str, bytes]] | None = None) -> None:
+    """`root/<painter>/<painter>_<n>.jpg` with `painters[name]` images each; `extra` adds files per painter."""
+    for p_index, (name, count) in enumerate(painters.items()):
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        colour = [(200, 40, 40), (40, 200, 40), (40, 40, 200), (200, 200, 40)][p_index % 4]
+        for n in range(count):
+            (folder / f"{name}_{n + 1}.jpg").write_bytes(jpeg_bytes(painting(p_index * 1000 + n, colour=colour)))
+        for fname, data in (extra or {}).get(name, {}).items():
+            (folder / fname).write_bytes(data)
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3 HTTP endpoint on loopback; the AWS environment points every client (pyarrow, boto3, Ray
+    workers, MLflow) at it."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_REGION": "us-east-1", "AWS_DEFAULT_REGION": "us-east-1", "MLFLOW_S3_ENDPOINT_URL": endpoint}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield endpoint
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_bucket(s3_endpoint):
+    from artnet import storage
+
+    client = storage.boto3_client()
+    client.create_bucket(Bucket="paintings")
+    return "paintings"
+
+
+@pytest.fixture(scope="session")
+def ray_local(s3_endpoint):
+    """One real local Ray cluster for the session. Started after the S3 environment is set, so its workers
+    inherit the credentials like a cluster's nodes would have them. Logical CPUs leave headroom on 2 cores."""
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    yield ray
+    ray.shutdown()

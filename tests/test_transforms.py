@@ -1,0 +1,122 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+from artnet import transforms
+from artnet.config import AugmentConfig, ConfigError, PipelineConfig
+from conftest import bad_files, jpeg_bytes, odd_but_good_files, painting, png_bytes
+
+AUG = AugmentConfig()
+LIMIT = 64_000_000
+
+
+@pytest.mark.parametrize("name", sorted(odd_but_good_files()))
+def test_any_mode_decodes_to_rgb(name):
+    out = transforms.preprocess(odd_but_good_files()[name], 64, LIMIT, AUG)
+    assert out.shape == (64, 64, 3) and out.dtype == np.uint8
+    assert out.std() > 5, "the picture survived decoding (not blank)"
+
+
+@pytest.mark.parametrize("name", sorted(bad_files()))
+def test_bad_input_raises_bad_image_with_reason(name):
+    with pytest.raises(transforms.BadImage) as err:
+        transforms.preprocess(bad_files()[name], 64, LIMIT, AUG)
+    expected = {"zero_byte.jpg": "empty", "not_an_image.jpg": "not_an_image", "truncated.jpg": "corrupt",
+                "corrupt.jpg": "corrupt", "huge.png": "too_large"}[name]
+    assert err.value.reason == expected
+
+
+def test_transparent_pixels_become_white_and_opaque_keep_colour():
+    rgba = np.zeros((40, 40, 4), np.uint8)
+    rgba[:, :20] = (255, 0, 0, 255)  # opaque red left half
+    rgba[:, 20:] = (0, 0, 255, 0)    # fully transparent right half
+    out = np.asarray(transforms.decode(png_bytes(Image.fromarray(rgba, "RGBA")), 40, LIMIT))
+    assert tuple(out[20, 5]) == (255, 0, 0)
+    assert tuple(out[20, 35]) == (255, 255, 255)
+
+
+def test_sixteen_bit_range_maps_onto_eight_bits():
+    arr = np.full((40, 40), 65535, np.uint16)
+    arr[:, :20] = 0
+    out = np.asarray(transforms.decode(png_bytes(Image.fromarray(arr)), 40, LIMIT))
+    assert out[0, 0].tolist() == [0, 0, 0] and out[0, 39].tolist() == [255, 255, 255]
+
+
+def test_cmyk_jpeg_keeps_its_colours():
+    red = np.zeros((64, 64, 3), np.uint8)
+    red[..., 0] = 220
+    out = np.asarray(transforms.decode(jpeg_bytes(red, "CMYK"), 64, LIMIT), np.int32)
+    assert out[..., 0].mean() > 180 and out[..., 1].mean() < 60 and out[..., 2].mean() < 60
+
+
+def test_large_jpeg_uses_draft_mode_downscale():
+    big = jpeg_bytes(painting(3, size=(1600, 1200)))
+    img = transforms.decode(big, 299, LIMIT)
+    assert img.size == (400, 300), "decoded at 1/4 scale in the DCT domain, still >= the target"
+
+
+def test_pixel_limit_is_configurable():
+    data = jpeg_bytes(painting(4, size=(300, 200)))
+    with pytest.raises(transforms.BadImage, match="too_large"):
+        transforms.decode(data, 64, max_pixels=300 * 200 - 1)
+    assert min(transforms.decode(data, 64, max_pixels=300 * 200).size) >= 64
+
+
+def test_augmentation_is_deterministic_for_a_seed_and_varies_across_seeds():
+    data = jpeg_bytes(painting(5, size=(200, 160)))
+    a = transforms.preprocess(data, 96, LIMIT, AUG, np.random.default_rng(7))
+    b = transforms.preprocess(data, 96, LIMIT, AUG, np.random.default_rng(7))
+    c = transforms.preprocess(data, 96, LIMIT, AUG, np.random.default_rng(8))
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(a.astype(int) - c.astype(int)).mean() > 1
+
+
+def halves() -> Image.Image:
+    arr = np.zeros((100, 100, 3), np.uint8)
+    arr[:, :50] = (255, 0, 0)
+    arr[:, 50:] = (0, 0, 255)
+    return Image.fromarray(arr)
+
+
+def test_identity_is_centre_crop_and_flip_mirrors():
+    wide = np.zeros((100, 200, 3), np.uint8)
+    wide[:, :50] = 255  # only the left quarter is white: outside the centre square
+    assert np.asarray(transforms.affine_crop(Image.fromarray(wide), 50)).max() == 0
+    plain = np.asarray(transforms.affine_crop(halves(), 50))
+    flipped = np.asarray(transforms.affine_crop(halves(), 50, transforms.Affine(flip=True)))
+    assert plain[25, 5, 0] == 255 and plain[25, 45, 2] == 255
+    assert flipped[25, 5, 2] == 255 and flipped[25, 45, 0] == 255
+
+
+def test_shift_moves_content_and_rotation_turns_it():
+    shifted = np.asarray(transforms.affine_crop(halves(), 50, transforms.Affine(shift_x=0.3)))
+    assert shifted[25, 25, 2] == 255, "shifting right by 30% puts the blue half under the centre"
+    turned = np.asarray(transforms.affine_crop(halves(), 50, transforms.Affine(rotation=90)))
+    top, bottom = turned[5, 25], turned[45, 25]
+    assert {int(np.argmax(top)), int(np.argmax(bottom))} == {0, 2}, "a quarter turn makes the split horizontal"
+
+
+def test_no_grey_fill_at_the_borders_under_augmentation():
+    data = jpeg_bytes(np.full((120, 120, 3), (10, 200, 10), np.uint8))
+    cfg = AugmentConfig(rotation=20, shift=0.15, zoom=0.2, brightness=0, contrast=0, saturation=0)
+    for seed in range(10):
+        out = transforms.preprocess(data, 64, LIMIT, cfg, np.random.default_rng(seed))
+        assert (np.abs(out.astype(int) - (10, 200, 10)).max(axis=-1) < 30).all()
+
+
+def test_standardize_whitens_each_image():
+    data = jpeg_bytes(painting(6, colour=(250, 250, 250)))
+    out = transforms.preprocess(data, 64, LIMIT, AugmentConfig(standardize=True)).astype(np.float32)
+    assert abs(out.mean() - 127.5) < 3 and abs(out.std() - 64) < 6
+
+
+@pytest.mark.parametrize("changes,field", [
+    ({"image_size": 8}, "pipeline.image_size"),
+    ({"batch_size": 0}, "pipeline.batch_size"),
+    ({"augment": AugmentConfig(zoom=1.5)}, "augment.zoom"),
+    ({"augment": AugmentConfig(rotation=-1)}, "augment.rotation"),
+])
+def test_bad_pipeline_config_names_the_field(changes, field):
+    with pytest.raises(ConfigError) as err:
+        PipelineConfig(**changes).validate()
+    assert err.value.field == field and "Fix:" in str(err.value)

@@ -76,7 +76,7 @@ class PipelineConfig:
     image_size: int = 299
     batch_size: int = 32  # per consumer
     max_pixels: int = 64_000_000  # larger images are refused as decompression bombs
-    decode_batch: int = 16  # images per Ray Data map task call
+    decode_batch: int = 32  # images per Ray Data map task call (fewer, larger tasks: less overhead)
     shuffle: bool = True
     seed: int | None = None  # None: fresh augmentation randomness every epoch
     augment: AugmentConfig = field(default_factory=AugmentConfig)

@@ -110,7 +110,8 @@ def load_images(batch: pa.Table, *, cfg: PipelineConfig, train: bool, settings: 
                 reason, detail = e.reason, str(e)
         log.warning("skipping %s (%s)", uri if row < 0 else f"{uri}#{row}", detail)
         if bad_images is not None:
-            bad_images.add.remote(reason, uri if row < 0 else f"{uri}#{row}")
+            # Waited on, so the count is complete once the batch is out (bad images are rare: cheap).
+            ray.get(bad_images.add.remote(reason, uri if row < 0 else f"{uri}#{row}"))
     size = cfg.image_size
     return {
         "image": np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8),

@@ -120,6 +120,23 @@ def affine_matrix(t: Affine, src_size: tuple[int, int], size: int) -> tuple[floa
     return (a[0, 0], a[0, 1], offset[0], a[1, 0], a[1, 1], offset[1])
 
 
+def mirror_pad(img: Image.Image, margin: int) -> Image.Image:
+    """Reflect-pad by `margin` pixels on every side (numpy's 'reflect'), built from PIL crops and flips: about
+    10x faster than np.pad on the images we see here."""
+    width, height = img.size
+    if margin >= min(width, height) - 1:  # beyond one reflection: rare tiny images, let numpy do it
+        return Image.fromarray(np.pad(np.asarray(img), ((margin, margin), (margin, margin), (0, 0)), mode="reflect"))
+    flip_lr, flip_tb = Image.Transpose.FLIP_LEFT_RIGHT, Image.Transpose.FLIP_TOP_BOTTOM
+    out = Image.new(img.mode, (width + 2 * margin, height + 2 * margin))
+    out.paste(img, (margin, margin))
+    out.paste(img.crop((1, 0, margin + 1, height)).transpose(flip_lr), (0, margin))
+    out.paste(img.crop((width - margin - 1, 0, width - 1, height)).transpose(flip_lr), (width + margin, margin))
+    full = width + 2 * margin
+    out.paste(out.crop((0, margin + 1, full, 2 * margin + 1)).transpose(flip_tb), (0, 0))
+    out.paste(out.crop((0, height - 1, full, height + margin - 1)).transpose(flip_tb), (0, height + margin))
+    return out
+
+
 def affine_crop(img: Image.Image, size: int, t: Affine = IDENTITY) -> Image.Image:
     """Resample once. A transformed crop can reach past the image; the source is then mirrored outwards just
     far enough: reflected paint looks like paint, while a grey border would be a cue unrelated to the painter."""
@@ -130,20 +147,25 @@ def affine_crop(img: Image.Image, size: int, t: Affine = IDENTITY) -> Image.Imag
     margin = math.ceil(max(0.0, -xs.min(), xs.max() - width, -ys.min(), ys.max() - height))
     if margin:
         margin += 1
-        padded = np.pad(np.asarray(img), ((margin, margin), (margin, margin), (0, 0)), mode="reflect")
-        img, c, f = Image.fromarray(padded), c + margin, f + margin
+        img, c, f = mirror_pad(img, margin), c + margin, f + margin
     return img.transform((size, size), Image.Transform.AFFINE, (a, b, c, d, e, f),
                          resample=Image.Resampling.BILINEAR, fillcolor=FILL)
 
 
-def colour_jitter(arr: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig) -> np.ndarray:
-    """Brightness, contrast and saturation factors drawn from [1-x, 1+x]; float32 in, float32 out."""
-    arr = arr * rng.uniform(1 - cfg.brightness, 1 + cfg.brightness)
-    mean = arr.mean()
-    arr = (arr - mean) * rng.uniform(1 - cfg.contrast, 1 + cfg.contrast) + mean
-    grey = arr @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
-    arr = grey[..., None] + (arr - grey[..., None]) * rng.uniform(1 - cfg.saturation, 1 + cfg.saturation)
-    return arr
+GREY_WEIGHTS = np.array([0.299, 0.587, 0.114])
+
+
+def colour_jitter(img: Image.Image, rng: np.random.Generator, cfg: AugmentConfig) -> Image.Image:
+    """Brightness b, contrast c (about the image mean m) and saturation s, factors drawn from [1-x, 1+x].
+    All three are linear in RGB, so they fold into one 3x4 colour matrix that PIL applies in a single pass:
+    out = c*b*S @ x + (1-c)*b*m, where S = s*I + (1-s)*1*grey_weights^T."""
+    b = rng.uniform(1 - cfg.brightness, 1 + cfg.brightness)
+    c = rng.uniform(1 - cfg.contrast, 1 + cfg.contrast)
+    s = rng.uniform(1 - cfg.saturation, 1 + cfg.saturation)
+    mean = float(np.asarray(img).mean())
+    sat = s * np.eye(3) + (1 - s) * np.outer(np.ones(3), GREY_WEIGHTS)
+    matrix = np.concatenate([c * b * sat, np.full((3, 1), (1 - c) * b * mean)], axis=1)
+    return img.convert("RGB", tuple(float(v) for v in matrix.ravel()))
 
 
 def standardize(arr: np.ndarray) -> np.ndarray:
@@ -159,12 +181,8 @@ def preprocess(data: bytes, size: int, max_pixels: int, augment: AugmentConfig,
     img = decode(data, size, max_pixels)
     if rng is None:
         out = affine_crop(img, size)
-        if not augment.standardize:
-            return np.asarray(out, dtype=np.uint8)
-        arr = np.asarray(out, dtype=np.float32)
     else:
-        arr = np.asarray(affine_crop(img, size, sample_affine(rng, augment)), dtype=np.float32)
-        arr = colour_jitter(arr, rng, augment)
-    if augment.standardize:
-        arr = standardize(arr)
-    return np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+        out = colour_jitter(affine_crop(img, size, sample_affine(rng, augment)), rng, augment)
+    if not augment.standardize:
+        return np.asarray(out, dtype=np.uint8)
+    return np.clip(np.rint(standardize(np.asarray(out, np.float32))), 0, 255).astype(np.uint8)

@@ -120,3 +120,23 @@ def test_bad_pipeline_config_names_the_field(changes, field):
     with pytest.raises(ConfigError) as err:
         PipelineConfig(**changes).validate()
     assert err.value.field == field and "Fix:" in str(err.value)
+
+
+def test_colour_jitter_matrix_equals_stepwise_definition():
+    img = Image.fromarray(painting(9, size=(60, 50)))
+    cfg = AugmentConfig(brightness=0.3, contrast=0.3, saturation=0.3)
+    out = np.asarray(transforms.colour_jitter(img, np.random.default_rng(3), cfg), np.float32)
+    r = np.random.default_rng(3)
+    b, c, s = r.uniform(0.7, 1.3), r.uniform(0.7, 1.3), r.uniform(0.7, 1.3)
+    x = np.asarray(img, np.float32) * b
+    x = (x - x.mean()) * c + x.mean()
+    grey = (x @ transforms.GREY_WEIGHTS)[..., None]
+    expected = np.clip(grey + (x - grey) * s, 0, 255)
+    assert np.abs(expected - out).max() <= 0.5 + 1e-3
+
+
+@pytest.mark.parametrize("margin", [1, 7, 40, 120])
+def test_mirror_pad_equals_numpy_reflect(margin):
+    arr = painting(10, size=(64, 48))
+    expected = np.pad(arr, ((margin, margin), (margin, margin), (0, 0)), mode="reflect")
+    np.testing.assert_array_equal(np.asarray(transforms.mirror_pad(Image.fromarray(arr), margin)), expected)

@@ -73,7 +73,7 @@ class AugmentConfig:
 class PipelineConfig:
     """How images flow from storage to the training workers."""
 
-    image_size: int = 299
+    image_size: int = 0  # 0: the backbone's default input size (299 for InceptionV3)
     batch_size: int = 32  # per consumer
     max_pixels: int = 64_000_000  # larger images are refused as decompression bombs
     decode_batch: int = 32  # images per Ray Data map task call (fewer, larger tasks: less overhead)
@@ -82,14 +82,14 @@ class PipelineConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def validate(self) -> None:
-        if self.image_size < 32:
+        if self.image_size and self.image_size < 32:
             raise ConfigError("pipeline.image_size", f"is {self.image_size}",
-                              "use 32 or more (InceptionV3 needs at least 75, its default is 299)")
+                              "use 0 (the backbone's default) or 32 or more (InceptionV3 needs at least 75)")
         if self.batch_size < 1:
             raise ConfigError("pipeline.batch_size", f"is {self.batch_size}", "use 1 or more")
         if self.decode_batch < 1:
             raise ConfigError("pipeline.decode_batch", f"is {self.decode_batch}", "use 1 or more")
-        if self.max_pixels < self.image_size ** 2:
+        if self.max_pixels < max(self.image_size, 299) ** 2:
             raise ConfigError("pipeline.max_pixels", f"is {self.max_pixels}",
                               "allow at least image_size**2 pixels (default 64,000,000)")
         self.augment.validate()
@@ -98,3 +98,181 @@ class PipelineConfig:
 def replace(cfg, **changes):
     """`dataclasses.replace` that ignores None values, so CLI options left unset keep the defaults."""
     return dataclasses.replace(cfg, **{k: v for k, v in changes.items() if v is not None})
+
+
+BACKBONES = ("inception_v3", "mobilenet_v2", "mobilenet", "tiny")
+PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Backbone + dense head. `weights`: "imagenet" (Keras download/cache), a local file, an s3:// URI, or
+    "none". `head_halving` makes the study's chain: width, width/2, ... for `head_depth` layers."""
+
+    backbone: str = "inception_v3"
+    weights: str = "imagenet"
+    weights_sha256: str = ""
+    alpha: float = 1.0  # MobileNet width multiplier
+    head_depth: int = 2
+    head_width: int = 512
+    head_halving: bool = True
+    dropout: float = 0.5
+
+    def validate(self) -> None:
+        if self.backbone not in BACKBONES:
+            raise ConfigError("model.backbone", f"is {self.backbone!r}", f"use one of {', '.join(BACKBONES)}")
+        if self.head_depth < 0:
+            raise ConfigError("model.head_depth", f"is {self.head_depth}", "use 0 (linear head) or more layers")
+        if self.head_width < 1:
+            raise ConfigError("model.head_width", f"is {self.head_width}", "use a positive number of units")
+        if self.head_halving and self.head_depth and self.head_width >> (self.head_depth - 1) < 1:
+            raise ConfigError("model.head_depth", f"{self.head_depth} halvings of {self.head_width} units reach 0",
+                              "use fewer layers or a wider first layer")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError("model.dropout", f"is {self.dropout}", "use a rate in [0, 1), e.g. 0.5")
+        if self.weights_sha256 and len(self.weights_sha256) != 64:
+            raise ConfigError("model.weights_sha256", "is not a 64-hex-digit sha256", "paste `sha256sum FILE` output")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Two phases: the head on a frozen backbone, then the top `unfreeze_blocks` blocks at a lower rate.
+    `lr` is the rate for a global batch of 256 and scales linearly with the real global batch."""
+
+    head_epochs: int = 5
+    finetune_epochs: int = 5
+    unfreeze_blocks: int = 2
+    batch_size: int = 32  # per replica
+    lr: float = 1e-3
+    finetune_lr_factor: float = 0.1
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.0
+    patience: int = 3  # epochs without val-loss improvement before a phase stops early; 0 = never
+    precision: str = "auto"  # auto = mixed_bfloat16 on GPUs, float32 on CPUs
+    seed: int = 0
+    max_steps_per_epoch: int = 0  # 0 = whole epoch; a cap for smoke tests
+
+    def validate(self) -> None:
+        if self.head_epochs < 0 or self.finetune_epochs < 0 or self.head_epochs + self.finetune_epochs == 0:
+            raise ConfigError("train.head_epochs", f"head {self.head_epochs} + finetune {self.finetune_epochs} epochs",
+                              "train at least one epoch in total, neither negative")
+        if self.unfreeze_blocks < 0:
+            raise ConfigError("train.unfreeze_blocks", f"is {self.unfreeze_blocks}", "use 0 or more blocks")
+        if self.batch_size < 1:
+            raise ConfigError("train.batch_size", f"is {self.batch_size}", "use a per-replica batch of 1 or more")
+        if not 0 < self.lr < 1:
+            raise ConfigError("train.lr", f"is {self.lr}", "use a learning rate in (0, 1), e.g. 1e-3")
+        if not 0 < self.finetune_lr_factor <= 1:
+            raise ConfigError("train.finetune_lr_factor", f"is {self.finetune_lr_factor}", "use a factor in (0, 1]")
+        if self.precision not in PRECISIONS:
+            raise ConfigError("train.precision", f"is {self.precision!r}", f"use one of {', '.join(PRECISIONS)}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError("train.label_smoothing", f"is {self.label_smoothing}", "use a value in [0, 1)")
+
+
+@dataclass(frozen=True)
+class ScalingConfig:
+    """Ray Train workers: one per node (or GPU group); each runs MirroredStrategy over its GPUs."""
+
+    num_workers: int = 1
+    use_gpu: bool = False
+    gpus_per_worker: int = 1
+    cpus_per_worker: int = 1
+
+    def validate(self) -> None:
+        if self.num_workers < 1:
+            raise ConfigError("scaling.num_workers", f"is {self.num_workers}", "use 1 or more workers")
+        if self.use_gpu and self.gpus_per_worker < 1:
+            raise ConfigError("scaling.gpus_per_worker", f"is {self.gpus_per_worker}", "use 1 or more with use_gpu")
+        if self.cpus_per_worker < 1:
+            raise ConfigError("scaling.cpus_per_worker", f"is {self.cpus_per_worker}", "use 1 or more")
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """MLflow. An empty tracking_uri means $MLFLOW_TRACKING_URI, else sqlite in the work directory."""
+
+    tracking_uri: str = ""
+    experiment: str = "artnet"
+    artifact_location: str = ""  # empty: <workdir>/mlartifacts for a local store
+
+    def validate(self) -> None:
+        if not self.experiment:
+            raise ConfigError("tracking.experiment", "is empty", "name the MLflow experiment, e.g. artnet")
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """Everything one training job needs. `catalog` is the folder/prefix holding manifest.parquet."""
+
+    catalog: str = ""
+    name: str = "artnet"
+    workdir: str = "work"
+    storage_path: str = ""  # Ray Train checkpoints; empty: <workdir>/ray_results
+    max_failures: int = 0
+    data: PipelineConfig = field(default_factory=PipelineConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def validate(self) -> None:
+        if not self.catalog:
+            raise ConfigError("catalog", "is empty", "pass the --out folder of `artnet catalog` (holds manifest.parquet)")
+        if not self.name or "/" in self.name:
+            raise ConfigError("name", f"is {self.name!r}", "use a plain job name without slashes")
+        if self.max_failures < -1:
+            raise ConfigError("max_failures", f"is {self.max_failures}", "use -1 (retry forever), 0 or more")
+        for part in (self.data, self.model, self.train, self.scaling, self.tracking):
+            part.validate()
+
+
+def _coerce(text: str, current):
+    if isinstance(current, bool):
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"expected true/false, got {text!r}")
+    if isinstance(current, tuple):
+        kind = type(current[0]) if current else str
+        return tuple(kind(x) for x in text.split(",") if x)
+    if current is None:
+        return None if text.lower() == "none" else int(text)
+    return type(current)(text)
+
+
+def override(cfg, assignments: dict[str, str], _prefix: str = ""):
+    """Apply dotted `section.field=value` strings (from --set or YAML) to a frozen config tree."""
+    for dotted, text in assignments.items():
+        head, _, rest = dotted.partition(".")
+        names = {f.name for f in dataclasses.fields(cfg)}
+        if head not in names:
+            raise ConfigError(_prefix + dotted, "is not a config field",
+                              f"use one of {', '.join(_prefix + n for n in sorted(names))}")
+        current = getattr(cfg, head)
+        if rest:
+            if not dataclasses.is_dataclass(current):
+                raise ConfigError(_prefix + dotted, f"'{head}' has no sub-fields", f"use '{_prefix}{head}=VALUE'")
+            cfg = dataclasses.replace(cfg, **{head: override(current, {rest: text}, f"{_prefix}{head}.")})
+            continue
+        if dataclasses.is_dataclass(current):
+            raise ConfigError(_prefix + dotted, "is a section", f"set one of its fields, e.g. {head}.<field>=VALUE")
+        try:
+            value = _coerce(str(text), current)
+        except ValueError as e:
+            raise ConfigError(_prefix + dotted, f"cannot use {text!r} ({e})", f"give a {type(current).__name__} value") from None
+        cfg = dataclasses.replace(cfg, **{head: value})
+    return cfg
+
+
+def flatten(cfg, prefix: str = "") -> dict[str, object]:
+    """Dotted name -> value for every leaf field: MLflow params, and the inverse of `override`."""
+    out: dict[str, object] = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update(flatten(value, f"{prefix}{f.name}."))
+        else:
+            out[f"{prefix}{f.name}"] = value
+    return out

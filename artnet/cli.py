@@ -1,4 +1,4 @@
-"""`artnet` command line: demo-data, catalog, preview, demo. Each command parses options into a config,
+"""`artnet` command line: demo-data, catalog, preview, train, demo. Each command parses options into a config,
 validates it (failing before any cluster work, naming the field), then makes one call into the package."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import sys
 import time
 
 from artnet import catalog, demo_data, storage
-from artnet.config import AugmentConfig, CatalogConfig, ConfigError, PipelineConfig
+from artnet.config import AugmentConfig, CatalogConfig, ConfigError, JobConfig, PipelineConfig, override
 
 
 def _float_tuple(text: str) -> tuple[float, ...]:
@@ -36,6 +36,79 @@ def catalog_config(args: argparse.Namespace, source: str) -> CatalogConfig:
                         split=args.split, seed=args.seed)
     cfg.validate()
     return cfg
+
+
+def _yaml_overrides(path: str) -> dict[str, str]:
+    import yaml
+
+    def walk(node, prefix=""):
+        for key, value in node.items():
+            if isinstance(value, dict):
+                yield from walk(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", ",".join(map(str, value)) if isinstance(value, list) else str(value)
+
+    return dict(walk(yaml.safe_load(storage.read_bytes(path)) or {}))
+
+
+def _assignments(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(item, "is not KEY=VALUE", "write e.g. --set train.lr=0.001")
+        out[key.strip()] = value.strip()
+    return out
+
+
+TRAIN_FLAGS = {"backbone": "model.backbone", "weights": "model.weights", "image_size": "data.image_size",
+               "workers": "scaling.num_workers", "use_gpu": "scaling.use_gpu", "head_epochs": "train.head_epochs",
+               "finetune_epochs": "train.finetune_epochs", "unfreeze_blocks": "train.unfreeze_blocks",
+               "batch_size": "train.batch_size", "lr": "train.lr", "max_failures": "max_failures",
+               "storage_path": "storage_path", "workdir": "workdir", "name": "name"}
+
+
+def add_train_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="inception", help="starting point: inception (default), study, mobilenet, demo")
+    p.add_argument("--config", help="YAML file of overrides (nested sections or dotted keys)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config field")
+    p.add_argument("--name", help="job name: re-running a name resumes it")
+    p.add_argument("--workdir", help="local outputs (default ./work)")
+    p.add_argument("--storage-path", help="checkpoints: a path or s3:// prefix (default WORKDIR/ray_results)")
+    p.add_argument("--backbone", help="inception_v3, mobilenet_v2, mobilenet or tiny")
+    p.add_argument("--weights", help="imagenet, none, a weights file or an s3:// URI")
+    p.add_argument("--image-size", type=int)
+    p.add_argument("--workers", type=int, help="Ray Train workers (one per node or GPU group)")
+    p.add_argument("--use-gpu", action="store_const", const=True)
+    p.add_argument("--head-epochs", type=int)
+    p.add_argument("--finetune-epochs", type=int)
+    p.add_argument("--unfreeze-blocks", type=int)
+    p.add_argument("--batch-size", type=int, help="per replica")
+    p.add_argument("--lr", type=float, help="learning rate for a global batch of 256")
+    p.add_argument("--max-failures", type=int)
+
+
+def job_config(args: argparse.Namespace) -> JobConfig:
+    """Preset, then YAML, then flags, then --set: later wins. Validated here, before any Ray work."""
+    from artnet import presets, train
+
+    job = presets.preset(args.preset)
+    if args.config:
+        job = override(job, _yaml_overrides(args.config))
+    flags = {TRAIN_FLAGS[k]: str(v) for k, v in vars(args).items() if k in TRAIN_FLAGS and v is not None}
+    job = override(job, {**flags, **_assignments(args.set), "catalog": args.catalog})
+    return train.resolve(job)
+
+
+def print_result(result: dict) -> None:
+    m = result["metrics"]
+    print(f"\ntest accuracy {m.get('test_accuracy', float('nan')):.3f}, top-3 {m.get('test_top3_accuracy', float('nan')):.3f}, "
+          f"macro-F1 {m.get('test_macro_f1', float('nan')):.3f} over {len(result['painters'])} painters")
+    bad = result["bad_images"]
+    print(f"bad images skipped: {bad['total']} {bad['by_reason'] or ''}")
+    print(f"checkpoints: {result['checkpoint']}")
+    print(f"MLflow run {result['run_id']} in {result['tracking_uri']}")
+    print(f"browse it:   mlflow ui --backend-store-uri {result['tracking_uri']}")
 
 
 def run_catalog(cfg: CatalogConfig, out: str, layout: str = "auto") -> catalog.Catalog:
@@ -73,15 +146,21 @@ def preview(manifest_dir: str, cfg: PipelineConfig, batches: int, grid_png: str 
     return summary
 
 
-def demo(workdir: str) -> None:
+def demo(workdir: str) -> dict:
+    """Synthetic data -> catalog -> a preview of augmented batches -> training, all local."""
+    from artnet import presets, train
+
     data, out = storage.join(workdir, "data"), storage.join(workdir, "catalog")
     if not demo_data.demo_set_exists(data):
         print(f"writing the synthetic demo set to {data} (a stand-in: see README for real data)")
-        demo_data.write_demo_set(data, painters=3, per_painter=60)
-    cfg = CatalogConfig(source=data, split=(0.7, 0.15, 0.15))
-    run_catalog(cfg, out)
-    preview(out, PipelineConfig(image_size=128, batch_size=16), batches=4,
+        demo_data.write_demo_set(data, painters=3, per_painter=80)
+    run_catalog(CatalogConfig(source=data, split=(0.7, 0.15, 0.15)), out)
+    preview(out, PipelineConfig(image_size=128, batch_size=16), batches=2,
             grid_png=storage.join(workdir, "augmented_samples.png"))
+    job = override(presets.preset("demo"), {"catalog": out, "workdir": workdir, "name": "demo"})
+    result = train.fit(job)
+    print_result(result)
+    return result
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,6 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batches", type=int, default=3)
     p.add_argument("--png", default=None, help="write a grid of augmented samples here")
 
+    p = sub.add_parser("train", help="fine-tune on a catalogued manifest with Ray Train; tracked in MLflow")
+    p.add_argument("catalog", help="folder or s3:// prefix written by `artnet catalog`")
+    add_train_options(p)
+
     p = sub.add_parser("demo", help="the whole flow on the synthetic demo set, locally")
     p.add_argument("--workdir", default="work/demo")
     return parser
@@ -123,6 +206,10 @@ def main(argv: list[str] | None = None) -> int:
             cfg = PipelineConfig(image_size=args.image_size, batch_size=args.batch_size, augment=AugmentConfig())
             cfg.validate()
             preview(args.manifest_dir, cfg, args.batches, args.png)
+        elif args.command == "train":
+            from artnet import train
+
+            print_result(train.fit(job_config(args)))
         elif args.command == "demo":
             demo(args.workdir)
     except ConfigError as e:

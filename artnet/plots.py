@@ -29,3 +29,40 @@ def image_grid(images: np.ndarray, titles: list[str], uri: str, columns: int = 4
         ax.imshow(img)
         ax.set_title(title, fontsize=8)
     _save(fig, uri)
+
+
+def confusion_matrix(cm: np.ndarray, names: list[str], uri: str, title: str = "") -> None:
+    """Row-normalised confusion matrix (recall on the diagonal), counts in the cells when they fit."""
+    rows = cm.sum(axis=1, keepdims=True)
+    norm = np.divide(cm, rows, out=np.zeros(cm.shape, float), where=rows > 0)
+    side = max(4.0, 0.35 * len(names) + 2)
+    fig, ax = plt.subplots(figsize=(side + 1, side))
+    image = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(names)), names, fontsize=7)
+    ax.set_xlabel("predicted painter")
+    ax.set_ylabel("true painter")
+    if len(names) <= 15:
+        for i in range(len(names)):
+            for j in range(len(names)):
+                ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=7,
+                        color="white" if norm[i, j] > 0.5 else "black")
+    fig.colorbar(image, ax=ax, fraction=0.046, label="share of the true painter's images")
+    ax.set_title(title or f"confusion matrix (accuracy {np.trace(cm) / max(cm.sum(), 1):.3f})")
+    _save(fig, uri)
+
+
+def training_curves(history: list[dict], uri: str) -> None:
+    """Loss and accuracy per epoch, train vs validation, with the phase switch marked."""
+    epochs = [h["epoch"] for h in history]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, label in ((left, "loss", "loss"), (right, "accuracy", "accuracy")):
+        ax.plot(epochs, [h[f"train_{key}"] for h in history], marker="o", label="train")
+        ax.plot(epochs, [h[f"val_{key}"] for h in history], marker="o", label="validation")
+        switch = next((h["epoch"] for h in history if h["phase"] == 2), None)
+        if switch is not None and switch != epochs[0]:
+            ax.axvline(switch - 0.5, color="grey", linestyle="--", label="blocks unfrozen")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.legend()
+    _save(fig, uri)

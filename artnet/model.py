@@ -1,0 +1,50 @@
+"""The classifier: raw RGB -> Rescaling -> backbone (BatchNorm always in inference mode) -> dense head ->
+float32 logits. Freezing helpers unfreeze exactly the top N backbone blocks."""
+
+from __future__ import annotations
+
+from artnet.backbones import BackboneSpec, build_backbone, trainable_mask
+from artnet.config import ModelConfig
+
+
+def head_widths(depth: int, width: int, halving: bool) -> list[int]:
+    """Units of each hidden head layer: the study's chain is depth 7, width 512, halving (512, 256, ..., 8)."""
+    return [width >> i if halving else width for i in range(depth)]
+
+
+STUDY_HEAD = ModelConfig(head_depth=7, head_width=512, head_halving=True, dropout=0.5)
+
+
+def build_classifier(spec: BackboneSpec, cfg: ModelConfig, num_classes: int, size: int):
+    import keras
+    from keras import layers
+
+    inputs = keras.Input(shape=(size, size, 3), name="image")  # raw RGB, 0..255
+    x = layers.Rescaling(spec.scale, spec.offset, name="preprocess")(inputs)
+    backbone = build_backbone(spec, cfg, size)
+    backbone.trainable = False
+    x = backbone(x, training=False)  # frozen BatchNorm statistics, also once blocks are unfrozen
+    for i, units in enumerate(head_widths(cfg.head_depth, cfg.head_width, cfg.head_halving)):
+        x = layers.Dense(units, activation="relu", name=f"head_dense{i}")(x)
+        if cfg.dropout:
+            x = layers.Dropout(cfg.dropout, name=f"head_dropout{i}")(x)
+    outputs = layers.Dense(num_classes, dtype="float32", name="logits")(x)
+    return keras.Model(inputs, outputs, name=f"artnet_{spec.name}")
+
+
+def set_trainable_blocks(model, spec: BackboneSpec, top_blocks: int) -> int:
+    """Make exactly the top `top_blocks` backbone blocks trainable (BatchNorm layers stay frozen); the head
+    is always trainable. Returns the number of trainable backbone layers."""
+    import keras
+
+    backbone = model.get_layer("backbone")
+    if top_blocks <= 0:
+        backbone.trainable = False
+        return 0
+    backbone.trainable = True
+    mask = trainable_mask([layer.name for layer in backbone.layers], spec.block_end, top_blocks)
+    count = 0
+    for layer, on in zip(backbone.layers, mask):
+        layer.trainable = on and not isinstance(layer, keras.layers.BatchNormalization)
+        count += bool(layer.trainable and layer.weights)
+    return count

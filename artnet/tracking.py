@@ -1,0 +1,102 @@
+"""MLflow: where runs go, how a job finds its run again on resume, and what rank 0 logs.
+
+The tracking URI is the config's, else $MLFLOW_TRACKING_URI, else sqlite in the work directory. A job's run
+is tagged with the job name; re-running the same job (or a Ray Train restart) continues that run while it is
+unfinished, matching Ray Train's resume-by-name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import numpy as np
+
+from artnet import plots
+from artnet.config import JobConfig, flatten
+
+JOB_TAG = "artnet.job"
+
+
+def tracking_uri(job: JobConfig) -> str:
+    if job.tracking.tracking_uri:
+        return job.tracking.tracking_uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return f"sqlite:///{os.path.abspath(os.path.join(job.workdir, 'mlflow.db'))}"
+
+
+def artifact_location(job: JobConfig, uri: str) -> str | None:
+    """Local stores keep artifacts beside the database (not in whatever directory a Ray worker runs in);
+    a tracking server decides for itself unless the config says otherwise."""
+    if job.tracking.artifact_location:
+        return job.tracking.artifact_location
+    if uri.startswith("sqlite:") or "://" not in uri:
+        return os.path.abspath(os.path.join(job.workdir, "mlartifacts"))
+    return None
+
+
+def start_job_run(job: JobConfig, uri: str) -> str:
+    """The run id for this job: the unfinished run with the same job name, or a new one with params logged."""
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    experiment = client.get_experiment_by_name(job.tracking.experiment)
+    experiment_id = (experiment.experiment_id if experiment else
+                     client.create_experiment(job.tracking.experiment, artifact_location=artifact_location(job, uri)))
+    found = client.search_runs([experiment_id], filter_string=f"tags.`{JOB_TAG}` = '{job.name}'",
+                               order_by=["attributes.start_time DESC"], max_results=1)
+    if found and found[0].info.status != "FINISHED":
+        return found[0].info.run_id
+    run = client.create_run(experiment_id, run_name=job.name, tags={JOB_TAG: job.name})
+    params = {k: str(v) for k, v in flatten(job).items()}
+    items = list(params.items())
+    for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+        client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, v) for k, v in items[i:i + 100]])
+    return run.info.run_id
+
+
+class WorkerRun:
+    """Rank 0's handle on the job's run: per-epoch metrics, then the final artifacts and model."""
+
+    def __init__(self, uri: str, run_id: str):
+        import mlflow
+
+        self.client = mlflow.MlflowClient(uri)
+        self.uri, self.run_id = uri, run_id
+
+    def log_epoch(self, record: dict) -> None:
+        import mlflow
+
+        step = int(record["epoch"])
+        values = [mlflow.entities.Metric(k, float(v), int(1000 * __import__("time").time()), step)
+                  for k, v in record.items() if k != "epoch" and isinstance(v, (int, float))]
+        self.client.log_batch(self.run_id, metrics=values)
+
+    def log_final(self, model, test: dict, cm: np.ndarray, painters: list[str], history: list[dict],
+                  size: int) -> None:
+        import mlflow
+        from mlflow.models import infer_signature
+
+        from artnet import metrics as metrics_lib
+
+        stats = metrics_lib.per_class(cm)
+        report = {p: {k: float(stats[k][i]) for k in ("precision", "recall", "f1", "support")}
+                  for i, p in enumerate(painters)}
+        for k, v in test.items():
+            self.client.log_metric(self.run_id, f"test_{k}", float(v))
+        with tempfile.TemporaryDirectory() as d:
+            plots.confusion_matrix(cm, painters, os.path.join(d, "confusion_matrix.png"))
+            plots.training_curves(history, os.path.join(d, "training_curves.png"))
+            with open(os.path.join(d, "per_painter.json"), "w") as f:
+                json.dump(report, f, indent=2)
+            with open(os.path.join(d, "history.json"), "w") as f:
+                json.dump(history, f, indent=2)
+            for name in ("confusion_matrix.png", "training_curves.png", "per_painter.json", "history.json"):
+                self.client.log_artifact(self.run_id, os.path.join(d, name))
+        mlflow.set_tracking_uri(self.uri)
+        example = np.zeros((1, size, size, 3), np.float32)
+        signature = infer_signature(example, np.zeros((1, len(painters)), np.float32))
+        with mlflow.start_run(run_id=self.run_id):
+            mlflow.keras.log_model(model, name="model", signature=signature)

@@ -1,0 +1,403 @@
+"""Distributed fine-tuning: the per-worker loop that Ray Train runs, and the driver `fit()`.
+
+Each Ray Train worker runs MultiWorkerMirroredStrategy: MirroredStrategy over its own GPUs plus all-reduce
+across workers. Keras 3 `fit` fails under multi-worker strategies here (ray#47464 / keras#20585), so the
+step is a custom one: model and optimizer built in `strategy.scope()`, the Ray shard distributed with
+`distribute_datasets_from_function`, the loss scaled by the global batch. Validation and test run on rank 0
+alone over the whole split (exact numbers, no collectives that other workers could miss); the early-stop
+decision then reaches every worker through one all-reduce, so all of them run the same number of steps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from artnet import backbones, metrics, schedule
+from artnet.config import JobConfig
+
+CHECKPOINT_STATE = "state.json"
+
+
+@dataclass
+class TrainState:
+    """Counters that a checkpoint carries so a restarted worker resumes exactly where it left off."""
+
+    epoch: int = 0  # next epoch to run
+    history: list[dict] = field(default_factory=list)
+    best_val_loss: float = math.inf
+    stopped_phase: int = 0  # a phase that early stopping has ended
+
+    def phase_losses(self, phase: int) -> list[float]:
+        return [h["val_loss"] for h in self.history if h["phase"] == phase]
+
+
+def precision_policy(precision: str, gpus: int) -> str:
+    if precision == "auto":
+        return "mixed_bfloat16" if gpus else "float32"
+    return precision
+
+
+# --------------------------------------------------------------------------------------------- TF helpers
+
+def make_worker_sum(strategy):
+    """All-reduce of a small array across workers. Each replica contributes its worker's value divided by the
+    worker's replica count, so the sum counts each worker once. Every worker must call it equally often."""
+    import tensorflow as tf
+
+    local_replicas = len(strategy.extended.worker_devices)
+
+    @tf.function
+    def reduce(value):
+        per_replica = strategy.run(tf.identity, args=(value / local_replicas,))
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+
+    return lambda values: reduce(tf.constant(np.asarray(values, np.float32))).numpy()
+
+
+def _tf_dataset(shard, batch_size: int, size: int):
+    """A Ray dataset shard as tf.data of (float32 images, int32 labels); Ray already sharded it."""
+    import tensorflow as tf
+
+    ds = shard.to_tf(
+        feature_columns="image", label_columns="label", batch_size=batch_size, drop_last=True,
+        feature_type_spec=tf.TensorSpec((None, size, size, 3), tf.uint8),
+        label_type_spec=tf.TensorSpec((None,), tf.int32),
+    )
+    ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), y))
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+    return ds.with_options(options)
+
+
+def make_train_step(strategy, model, optimizer, global_batch: int, label_smoothing: float = 0.0):
+    """One distributed step: returns (mean loss over the global batch, correct predictions)."""
+    import keras
+    import tensorflow as tf
+
+    loss_fn = keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=label_smoothing,
+                                                   reduction="none")
+    variables = model.trainable_variables
+    num_classes = model.output_shape[-1]
+
+    def replica_step(images, labels):
+        with tf.GradientTape() as tape:
+            logits = model(images, training=True)
+            per_example = loss_fn(tf.one_hot(labels, num_classes), logits)
+            loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
+            scaled = optimizer.scale_loss(loss)
+        grads = tape.gradient(scaled, variables)
+        optimizer.apply_gradients(zip(grads, variables))
+        correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels), tf.float32))
+        return loss, correct
+
+    @tf.function
+    def step(images, labels):
+        loss, correct = strategy.run(replica_step, args=(images, labels))
+        return (strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None),
+                strategy.reduce(tf.distribute.ReduceOp.SUM, correct, axis=None))
+
+    return step
+
+
+def make_optimizer(strategy, model, policy: str):
+    import keras
+
+    with strategy.scope():
+        optimizer = keras.optimizers.Adam(learning_rate=1e-3)
+        if policy == "mixed_float16":
+            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+        optimizer.build(model.trainable_variables)
+    return optimizer
+
+
+def make_predict(model):
+    import tensorflow as tf
+
+    return tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+
+
+def evaluate(predict, batches, num_classes: int) -> tuple[dict, np.ndarray]:
+    """Metrics and confusion matrix over an iterable of numpy batches (the whole split)."""
+    cm = np.zeros((num_classes, num_classes), np.int64)
+    top3 = 0
+    loss_sum = 0.0
+    for batch in batches:
+        images, labels = batch["image"].astype(np.float32), batch["label"].astype(np.int64)
+        logits = predict(images).numpy().astype(np.float64)
+        shifted = logits - logits.max(axis=1, keepdims=True)
+        log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+        loss_sum += float(-log_probs[np.arange(len(labels)), labels].sum())
+        cm += metrics.confusion(labels, logits.argmax(axis=1), num_classes)
+        top3 += metrics.top_k_correct(labels, logits, 3)
+    return metrics.summarize(cm, top3, loss_sum), cm
+
+
+def _save_checkpoint(directory: str, model, optimizer, best_weights, state: TrainState) -> None:
+    model.save_weights(os.path.join(directory, "model.weights.h5"))
+    if best_weights is not None:
+        np.savez(os.path.join(directory, "best.npz"), *best_weights)
+    np.savez(os.path.join(directory, "optimizer.npz"), *[v.numpy() for v in optimizer.variables])
+    with open(os.path.join(directory, CHECKPOINT_STATE), "w") as f:
+        json.dump(state.__dict__, f)
+
+
+def _load_state(directory: str) -> TrainState:
+    with open(os.path.join(directory, CHECKPOINT_STATE)) as f:
+        return TrainState(**json.load(f))
+
+
+def _load_arrays(path: str) -> list[np.ndarray] | None:
+    if not os.path.exists(path):
+        return None
+    with np.load(path) as data:
+        return [data[f"arr_{i}"] for i in range(len(data.files))]
+
+
+# ------------------------------------------------------------------------------------------ worker loop
+
+def worker_loop(config: dict) -> None:
+    """Ray Train's train_loop_per_worker. `config`: job (JobConfig), painters, train_rows, run_id."""
+    import keras
+    import ray.train
+    import tensorflow as tf
+
+    from artnet import model as model_lib
+    from artnet import tracking
+
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()  # before touching any dataset shard
+    job: JobConfig = config["job"]
+    painters: list[str] = config["painters"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    num_classes, size = len(painters), job.data.image_size
+    policy = precision_policy(job.train.precision, len(tf.config.list_logical_devices("GPU")))
+    keras.mixed_precision.set_dtype_policy(policy)
+    keras.utils.set_random_seed(job.train.seed)
+
+    replicas = strategy.num_replicas_in_sync
+    local_replicas = len(strategy.extended.worker_devices)
+    global_batch = job.train.batch_size * replicas
+    steps = max(1, schedule.steps_per_epoch(config["train_rows"], world, job.train.batch_size * local_replicas))
+    spec = backbones.get(job.model.backbone)
+    with strategy.scope():
+        model = model_lib.build_classifier(spec, job.model, num_classes, size)
+
+    state, best_weights, optimizer_values = TrainState(), None, None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as directory:
+            state = _load_state(directory)
+            model.load_weights(os.path.join(directory, "model.weights.h5"))
+            best_weights = _load_arrays(os.path.join(directory, "best.npz"))
+            optimizer_values = _load_arrays(os.path.join(directory, "optimizer.npz"))
+        if rank == 0:
+            print(f"resuming at epoch {state.epoch + 1} from {checkpoint.path}", flush=True)
+
+    train_shard = ray.train.get_dataset_shard("train")
+    train_data = strategy.distribute_datasets_from_function(
+        lambda _: _tf_dataset(train_shard, job.train.batch_size, size))
+    run = tracking.WorkerRun(config["tracking_uri"], config["run_id"]) if rank == 0 else None
+    worker_sum, predict = make_worker_sum(strategy), make_predict(model)
+
+    total_epochs = job.train.head_epochs + job.train.finetune_epochs
+    phase, optimizer, step_fn = 0, None, None
+    while state.epoch < total_epochs:
+        epoch = state.epoch
+        epoch_phase = schedule.phase_of(epoch, job.train.head_epochs)
+        if state.stopped_phase == epoch_phase:  # early stopping ended this phase: jump to the next one
+            state.epoch = job.train.head_epochs if epoch_phase == 1 else total_epochs
+            continue
+        if epoch_phase != phase:
+            phase = epoch_phase
+            unfrozen = model_lib.set_trainable_blocks(model, spec, job.train.unfreeze_blocks if phase == 2 else 0)
+            optimizer = make_optimizer(strategy, model, policy)
+            if optimizer_values is not None and state.history and state.history[-1]["phase"] == phase:
+                # resuming inside a phase: its optimizer state (moments, step count) comes back too
+                for variable, value in zip(optimizer.variables, optimizer_values):
+                    variable.assign(value)
+            optimizer_values = None
+            step_fn = make_train_step(strategy, model, optimizer, global_batch, job.train.label_smoothing)
+            if rank == 0:
+                print(f"phase {phase}: {len(model.trainable_variables)} trainable tensors, {unfrozen} backbone "
+                      f"layers unfrozen; {replicas} replica(s) on {world} worker(s), global batch {global_batch}",
+                      flush=True)
+        phase_start = 0 if phase == 1 else job.train.head_epochs
+        phase_epochs = job.train.head_epochs if phase == 1 else job.train.finetune_epochs
+        peak = schedule.scaled_lr(job.train.lr, global_batch) * (1.0 if phase == 1 else job.train.finetune_lr_factor)
+        warmup = int(job.train.warmup_epochs * steps)
+        step_in_phase = (epoch - phase_start) * steps
+
+        start, loss_sum, correct, seen, n_steps = time.perf_counter(), 0.0, 0.0, 0, 0
+        for images, labels in train_data:
+            optimizer.learning_rate.assign(schedule.lr_at(step_in_phase + n_steps, phase_epochs * steps, warmup, peak))
+            loss, hits = step_fn(images, labels)
+            loss_sum, correct, n_steps = loss_sum + float(loss), correct + float(hits), n_steps + 1
+            seen += global_batch
+        elapsed = time.perf_counter() - start
+
+        record = {"epoch": epoch + 1, "phase": phase, "train_loss": loss_sum / max(n_steps, 1),
+                  "train_accuracy": correct / max(seen, 1), "lr": float(optimizer.learning_rate.numpy()),
+                  "images_per_s": seen / elapsed, "images_per_s_per_replica": seen / elapsed / replicas}
+        stop = 0.0
+        if rank == 0:
+            val, _ = evaluate(predict, ray.train.get_dataset_shard("val").iter_batches(
+                batch_size=job.data.batch_size, batch_format="numpy"), num_classes)
+            record.update({f"val_{k}": v for k, v in val.items() if k != "images"})
+            if val["loss"] < state.best_val_loss:
+                state.best_val_loss, best_weights = val["loss"], model.get_weights()
+            losses = state.phase_losses(phase) + [val["loss"]]
+            stop = float(schedule.should_stop(losses, job.train.patience))
+        # Every worker learns rank 0's validation numbers and stop decision through one all-reduce.
+        shared = worker_sum([stop, record.get("val_loss", 0.0)])
+        state.history.append(record)
+        state.epoch = epoch + 1
+        if shared[0] > 0:
+            state.stopped_phase = phase
+        with tempfile.TemporaryDirectory() as directory:
+            ckpt = None
+            if rank == 0:
+                _save_checkpoint(directory, model, optimizer, best_weights, state)
+                ckpt = ray.train.Checkpoint.from_directory(directory)
+                run.log_epoch(record)
+                print(f"epoch {epoch + 1}/{total_epochs} [phase {phase}] loss {record['train_loss']:.4f} "
+                      f"acc {record['train_accuracy']:.3f} | val loss {record['val_loss']:.4f} "
+                      f"acc {record['val_accuracy']:.3f} top3 {record['val_top3_accuracy']:.3f} "
+                      f"f1 {record['val_macro_f1']:.3f} | {record['images_per_s']:.1f} img/s"
+                      + (" | early stop" if shared[0] > 0 else ""), flush=True)
+            ray.train.report({**record, "val_loss": float(shared[1]), "done": False}, checkpoint=ckpt)
+
+    if best_weights is not None:
+        model.set_weights(best_weights)
+    final = {"epoch": state.epoch, "done": True}
+    if rank == 0:
+        test, cm = evaluate(predict, ray.train.get_dataset_shard("test").iter_batches(
+            batch_size=job.data.batch_size, batch_format="numpy"), num_classes)
+        final.update({f"test_{k}": v for k, v in test.items()})
+        run.log_final(model, test, cm, painters, state.history, size)
+        print(f"test: accuracy {test['accuracy']:.3f}, top-3 {test['top3_accuracy']:.3f}, "
+              f"macro-F1 {test['macro_f1']:.3f} on {test['images']} images", flush=True)
+    with tempfile.TemporaryDirectory() as directory:
+        ckpt = None
+        if rank == 0:
+            _save_checkpoint(directory, model, optimizer, best_weights, state)
+            model.save(os.path.join(directory, "model.keras"))
+            ckpt = ray.train.Checkpoint.from_directory(directory)
+        ray.train.report(final, checkpoint=ckpt)
+
+
+# ---------------------------------------------------------------------------------------------- driver
+
+def resolve(job: JobConfig) -> JobConfig:
+    """Fill in what depends on the backbone, and check what can only be checked against it, before Ray."""
+    from artnet.config import ConfigError, replace
+
+    job.validate()
+    spec = backbones.get(job.model.backbone)
+    size = job.data.image_size or spec.default_size
+    if size < spec.min_size:
+        raise ConfigError("data.image_size", f"is {size}, below {spec.name}'s minimum {spec.min_size}",
+                          f"use {spec.min_size} or more (default {spec.default_size})")
+    if job.model.weights not in ("imagenet", "none", ""):
+        backbones.fetch_weights(job.model.weights, job.model.weights_sha256)  # fails now, not in a worker
+    return replace(job, data=replace(job.data, image_size=size))
+
+
+def _check_manifest(manifest, painters: list[str]) -> dict[str, int]:
+    from artnet.config import ConfigError
+
+    counts = {s: int(sum(1 for x in manifest["split"].to_pylist() if x == s)) for s in ("train", "val", "test")}
+    if len(painters) < 2:
+        raise ConfigError("catalog", f"has {len(painters)} painter", "catalogue at least two painters")
+    for split, n in counts.items():
+        if n == 0:
+            raise ConfigError("catalog", f"has no '{split}' images",
+                              "re-run `artnet catalog` with a --split that gives every split a share")
+    return counts
+
+
+def _run_config(job: JobConfig):
+    import ray.train
+
+    from artnet import storage
+
+    base = job.storage_path or os.path.abspath(os.path.join(job.workdir, "ray_results"))
+    kwargs = {}
+    if storage.is_s3(base):
+        kwargs["storage_filesystem"] = storage.s3_filesystem()
+        base = base[len("s3://"):]
+    return ray.train.RunConfig(
+        name=job.name, storage_path=base,
+        failure_config=ray.train.FailureConfig(max_failures=job.max_failures),
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        **kwargs,
+    )
+
+
+def fit(job: JobConfig) -> dict:
+    """Run one training job on the Ray cluster (local unless RAY_ADDRESS says otherwise); returns the final
+    metrics, the MLflow run id and where the checkpoints are."""
+    import ray
+    from ray.train import DataConfig, ScalingConfig
+    from ray.train.tensorflow import TensorflowTrainer
+
+    from artnet import catalog, pipeline, tracking
+
+    job = resolve(job)
+    manifest, painters = catalog.load(job.catalog)
+    counts = _check_manifest(manifest, painters)
+    uri = tracking.tracking_uri(job)
+    run_id = tracking.start_job_run(job, uri)
+    ray.init(ignore_reinit_error=True)
+    bad = pipeline.new_tally()
+    datasets = {split: pipeline.build_dataset(manifest, split, job.data, train=(split == "train"), bad_images=bad)
+                for split in ("train", "val", "test")}
+    scaling = job.scaling
+    trainer = TensorflowTrainer(
+        train_loop_per_worker=worker_loop,
+        train_loop_config={"job": job, "painters": painters, "train_rows": counts["train"], "run_id": run_id,
+                           "tracking_uri": uri},
+        scaling_config=ScalingConfig(
+            num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
+            resources_per_worker={"CPU": scaling.cpus_per_worker,
+                                  **({"GPU": scaling.gpus_per_worker} if scaling.use_gpu else {})}),
+        run_config=_run_config(job),
+        datasets=datasets,
+        # Only train is split across workers; rank 0 evaluates the whole of val and test.
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+    )
+    result = trainer.fit()
+    skipped = ray.get(bad.summary.remote())
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    client.log_metric(run_id, "bad_images_skipped", skipped["total"])
+    client.set_tag(run_id, "bad_images", json.dumps(skipped["by_reason"]))
+    client.log_artifact(run_id, _write_json(skipped, "bad_images.json"))
+    for name in (catalog.MANIFEST, catalog.LABELS):
+        client.log_artifact(run_id, _copy_local(job.catalog, name))
+    client.set_terminated(run_id, "FINISHED")
+    return {"metrics": result.metrics, "run_id": run_id, "tracking_uri": uri, "checkpoint": result.checkpoint.path,
+            "bad_images": skipped, "painters": painters}
+
+
+def _write_json(data: dict, name: str) -> str:
+    path = os.path.join(tempfile.mkdtemp(), name)
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2)
+    return path
+
+
+def _copy_local(base: str, name: str) -> str:
+    from artnet import storage
+
+    path = os.path.join(tempfile.mkdtemp(), name)
+    with open(path, "wb") as f:
+        f.write(storage.read_bytes(storage.join(base, name)))
+    return path

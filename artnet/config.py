@@ -62,11 +62,11 @@ class AugmentConfig:
         for name in ("rotation", "shift", "shear", "zoom", "brightness", "contrast", "saturation"):
             value = getattr(self, name)
             if value < 0:
-                raise ConfigError(f"augment.{name}", f"is {value}", "use 0 (off) or a positive amount")
+                raise ConfigError(f"data.augment.{name}", f"is {value}", "use 0 (off) or a positive amount")
         if self.zoom >= 1:
-            raise ConfigError("augment.zoom", f"is {self.zoom}", "keep the zoom range below 1 (e.g. 0.15)")
+            raise ConfigError("data.augment.zoom", f"is {self.zoom}", "keep the zoom range below 1 (e.g. 0.15)")
         if self.shift >= 0.5:
-            raise ConfigError("augment.shift", f"is {self.shift}", "keep shifts below half the crop (e.g. 0.1)")
+            raise ConfigError("data.augment.shift", f"is {self.shift}", "keep shifts below half the crop (e.g. 0.1)")
 
 
 @dataclass(frozen=True)
@@ -83,14 +83,14 @@ class PipelineConfig:
 
     def validate(self) -> None:
         if self.image_size and self.image_size < 32:
-            raise ConfigError("pipeline.image_size", f"is {self.image_size}",
+            raise ConfigError("data.image_size", f"is {self.image_size}",
                               "use 0 (the backbone's default) or 32 or more (InceptionV3 needs at least 75)")
         if self.batch_size < 1:
-            raise ConfigError("pipeline.batch_size", f"is {self.batch_size}", "use 1 or more")
+            raise ConfigError("data.batch_size", f"is {self.batch_size}", "use 1 or more")
         if self.decode_batch < 1:
-            raise ConfigError("pipeline.decode_batch", f"is {self.decode_batch}", "use 1 or more")
+            raise ConfigError("data.decode_batch", f"is {self.decode_batch}", "use 1 or more")
         if self.max_pixels < max(self.image_size, 299) ** 2:
-            raise ConfigError("pipeline.max_pixels", f"is {self.max_pixels}",
+            raise ConfigError("data.max_pixels", f"is {self.max_pixels}",
                               "allow at least image_size**2 pixels (default 64,000,000)")
         self.augment.validate()
 

@@ -126,7 +126,7 @@ def build_dataset(manifest: pa.Table, split: str, cfg: PipelineConfig, *, train:
     augmented; otherwise images are centre-cropped in manifest order."""
     cfg.validate()
     if not cfg.image_size:
-        raise ConfigError("pipeline.image_size", "is 0 (backbone default) but no backbone resolved it",
+        raise ConfigError("data.image_size", "is 0 (backbone default) but no backbone resolved it",
                           "set an explicit size, or build datasets through artnet.train")
     rows = manifest.filter(pc.equal(manifest["split"], split))
     if rows.num_rows == 0:

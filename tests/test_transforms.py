@@ -111,10 +111,10 @@ def test_standardize_whitens_each_image():
 
 
 @pytest.mark.parametrize("changes,field", [
-    ({"image_size": 8}, "pipeline.image_size"),
-    ({"batch_size": 0}, "pipeline.batch_size"),
-    ({"augment": AugmentConfig(zoom=1.5)}, "augment.zoom"),
-    ({"augment": AugmentConfig(rotation=-1)}, "augment.rotation"),
+    ({"image_size": 8}, "data.image_size"),
+    ({"batch_size": 0}, "data.batch_size"),
+    ({"augment": AugmentConfig(zoom=1.5)}, "data.augment.zoom"),
+    ({"augment": AugmentConfig(rotation=-1)}, "data.augment.rotation"),
 ])
 def test_bad_pipeline_config_names_the_field(changes, field):
     with pytest.raises(ConfigError) as err:

@@ -1,0 +1,51 @@
+"""Run in a fresh process (TF must not be initialised yet): split the CPU into 2 logical devices, then train
+the same model for a few steps with MirroredStrategy over both and with one device, at the same global batch,
+through artnet's own step and input path. Prints JSON with the largest weight difference and losses."""
+
+import json
+import sys
+
+import numpy as np
+import tensorflow as tf
+
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+
+import keras  # noqa: E402
+
+from artnet import backbones, train  # noqa: E402
+from artnet.config import ModelConfig  # noqa: E402
+from artnet.model import build_classifier, set_trainable_blocks  # noqa: E402
+
+PER_REPLICA, STEPS, SIZE, CLASSES = 4, 3, 32, 3
+policy = sys.argv[1] if len(sys.argv) > 1 else "float32"
+rng = np.random.default_rng(0)
+images = rng.uniform(0, 255, (PER_REPLICA * 2 * STEPS, SIZE, SIZE, 3)).astype(np.float32)
+labels = rng.integers(0, CLASSES, len(images)).astype(np.int32)
+spec = backbones.get("tiny")
+
+
+def run(strategy, batch):
+    keras.mixed_precision.set_dtype_policy(policy)
+    keras.utils.set_random_seed(1)
+    with strategy.scope():
+        model = build_classifier(spec, ModelConfig(backbone="tiny", weights="none", dropout=0.0), CLASSES, SIZE)
+    set_trainable_blocks(model, spec, 2)
+    optimizer = train.make_optimizer(strategy, model, policy)
+    optimizer.learning_rate.assign(0.01)
+    step = train.make_train_step(strategy, model, optimizer, global_batch=PER_REPLICA * 2)
+    data = strategy.distribute_datasets_from_function(
+        lambda _: tf.data.Dataset.from_tensor_slices((images, labels)).batch(batch))
+    losses = [float(step(x, y)[0]) for x, y in data]
+    return model.get_weights(), losses
+
+
+mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+single = tf.distribute.OneDeviceStrategy("/cpu:0")
+w2, l2 = run(mirrored, PER_REPLICA)        # each replica takes its own per-replica batch
+w1, l1 = run(single, PER_REPLICA * 2)      # one device takes the whole global batch
+print(json.dumps({
+    "replicas": mirrored.num_replicas_in_sync,
+    "max_weight_diff": max(float(np.abs(a.astype(np.float64) - b).max()) for a, b in zip(w1, w2)),
+    "losses_mirrored": l2, "losses_single": l1, "finite": bool(np.isfinite(l2).all()),
+}))

@@ -1,0 +1,149 @@
+"""Training on CPU through a real local Ray cluster, real MLflow (sqlite) and real JPEGs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from artnet import catalog, cli, demo_data, presets, train
+from artnet.config import CatalogConfig, override
+from conftest import REPO, bad_files
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def small_catalog(tmp_path_factory):
+    """3 synthetic painters x 24 small paintings plus two bad files, catalogued 60/20/20."""
+    root = tmp_path_factory.mktemp("paintings")
+    demo_data.write_demo_set(str(root / "data"), painters=3, per_painter=24, size=64)
+    first = sorted((root / "data").iterdir())[0]
+    for name in ("truncated.jpg", "zero_byte.jpg"):
+        (first / name).write_bytes(bad_files()[name])
+    out = str(root / "catalog")
+    cat = catalog.build(CatalogConfig(source=str(root / "data"), split=(0.6, 0.2, 0.2), seed=1))
+    catalog.write(cat, out, CatalogConfig(source=str(root / "data")))
+    return out
+
+
+def job_for(catalog_dir, workdir, name, **sets):
+    base = {"catalog": catalog_dir, "workdir": str(workdir), "name": name, "data.image_size": "32",
+            "train.head_epochs": "2", "train.finetune_epochs": "1", "train.batch_size": "8", "train.patience": "0",
+            "data.decode_batch": "16"}
+    return override(presets.preset("demo"), {**base, **{k.replace("__", "."): str(v) for k, v in sets.items()}})
+
+
+def mlflow_client(result):
+    import mlflow
+
+    return mlflow.MlflowClient(result["tracking_uri"])
+
+
+def test_one_worker_trains_and_mlflow_holds_everything(small_catalog, tmp_path, ray_local):
+    import keras
+    import mlflow
+
+    result = train.fit(job_for(small_catalog, tmp_path, "one"))
+    client = mlflow_client(result)
+    run = client.get_run(result["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.lr"] == "0.3" and run.data.params["model.backbone"] == "tiny"
+    losses = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "train_loss"), key=lambda m: m.step)]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    assert run.data.metrics["bad_images_skipped"] == 2
+    assert {"test_accuracy", "test_top3_accuracy", "test_macro_f1", "val_macro_f1"} <= set(run.data.metrics)
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"confusion_matrix.png", "training_curves.png", "per_painter.json", "bad_images.json",
+            "manifest.parquet", "labels.json", "model"} <= artifacts
+    per_painter = json.loads(Path(client.download_artifacts(run.info.run_id, "per_painter.json", str(tmp_path))).read_text())
+    assert sorted(per_painter) == result["painters"]
+    # The registered-able model predicts exactly what the trained model in the final checkpoint predicts.
+    logged = mlflow.keras.load_model(f"runs:/{run.info.run_id}/model")
+    in_memory = keras.models.load_model(os.path.join(result["checkpoint"], "model.keras"))
+    x = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype(np.float32)
+    np.testing.assert_allclose(logged.predict(x, verbose=0), in_memory.predict(x, verbose=0), rtol=1e-5, atol=1e-5)
+    assert result["metrics"]["done"] and result["metrics"]["test_images"] > 0
+
+
+def test_two_workers_multi_worker_strategy_trains(small_catalog, tmp_path, ray_local):
+    result = train.fit(job_for(small_catalog, tmp_path, "two", scaling__num_workers=2))
+    client = mlflow_client(result)
+    losses = [m.value for m in sorted(client.get_metric_history(result["run_id"], "train_loss"), key=lambda m: m.step)]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    assert client.get_run(result["run_id"]).data.params["scaling.num_workers"] == "2"
+
+
+def _train_worker_pids() -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if b"RayTrainWorker" in (entry / "cmdline").read_bytes():
+                    pids.append(int(entry.name))
+            except OSError:
+                pass
+    return pids
+
+
+def test_restart_and_rerun_resume_from_checkpoint(small_catalog, tmp_path, ray_local):
+    job = job_for(small_catalog, tmp_path, "resume", train__head_epochs=1, train__finetune_epochs=3,
+                  max_failures=1)
+    run_dir = tmp_path / "ray_results" / "resume"
+    killed = []
+
+    def kill_after_second_checkpoint():
+        deadline = time.time() + 300
+        while time.time() < deadline and not killed:
+            if len(list(run_dir.glob("checkpoint_*"))) >= 2:
+                for pid in _train_worker_pids():
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_after_second_checkpoint, daemon=True)
+    killer.start()
+    result = train.fit(job)
+    killer.join(timeout=5)
+    assert killed, "a training worker was killed mid-run"
+    state = json.loads(Path(result["checkpoint"], train.CHECKPOINT_STATE).read_text())
+    assert [h["epoch"] for h in state["history"]] == [1, 2, 3, 4], "each epoch ran once across the restart"
+    with np.load(Path(result["checkpoint"], "optimizer.npz")) as opt:
+        iterations = int(opt["arr_0"])
+    manifest, _ = catalog.load(small_catalog)
+    train_rows = sum(s == "train" for s in manifest["split"].to_pylist()) - 2  # two bad files are dropped
+    expected_steps = 3 * (train_rows // 8)
+    assert iterations == expected_steps, "the phase-2 optimizer state (its step count) survived the restart"
+
+    # Re-running the same job name with one more epoch resumes at epoch 5 instead of starting over.
+    again = train.fit(override(job, {"train.finetune_epochs": "4", "max_failures": "0"}))
+    state = json.loads(Path(again["checkpoint"], train.CHECKPOINT_STATE).read_text())
+    assert [h["epoch"] for h in state["history"]] == [1, 2, 3, 4, 5]
+
+
+def test_bad_train_config_fails_before_any_cluster_work(small_catalog, tmp_path, capsys):
+    for argv, field in ((["--set", "train.lr=5"], "train.lr"), (["--image-size", "8"], "data.image_size"),
+                        (["--backbone", "resnet"], "model.backbone"), (["--weights", "/no/such.h5"], "model.weights"),
+                        (["--set", "train.unfreeze=2"], "train.unfreeze")):
+        assert cli.main(["train", small_catalog, "--workdir", str(tmp_path)] + argv) == 2
+        err = capsys.readouterr().err
+        assert f"'{field}'" in err and "Fix:" in err
+    assert not any(tmp_path.iterdir()), "nothing was started or written"
+
+
+@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
+def test_mirrored_over_two_devices_matches_one_device(policy):
+    out = subprocess.run([sys.executable, str(REPO / "tests" / "helpers" / "mirrored_equivalence.py"), policy],
+                         capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["replicas"] == 2 and result["finite"]
+    tolerance = 1e-5 if policy == "float32" else 2e-2
+    assert result["max_weight_diff"] < tolerance
+    np.testing.assert_allclose(result["losses_mirrored"], result["losses_single"], rtol=tolerance)

@@ -30,19 +30,18 @@ MAX_EXAMPLES = 20
 
 @ray.remote(num_cpus=0)
 class BadImageTally:
-    """Counts skipped images by reason and keeps the first few URIs, so a run can report what it lost."""
+    """Counts skipped images by reason, each image once however many epochs meet it, and keeps the first
+    few URIs, so a run can report what it lost."""
 
     def __init__(self):
-        self.by_reason: Counter = Counter()
-        self.examples: list[str] = []
+        self.reasons: dict[str, str] = {}
 
     def add(self, reason: str, uri: str) -> None:
-        self.by_reason[reason] += 1
-        if len(self.examples) < MAX_EXAMPLES:
-            self.examples.append(f"{uri}: {reason}")
+        self.reasons.setdefault(uri, reason)
 
     def summary(self) -> dict:
-        return {"total": sum(self.by_reason.values()), "by_reason": dict(self.by_reason), "examples": self.examples}
+        examples = [f"{uri}: {reason}" for uri, reason in list(self.reasons.items())[:MAX_EXAMPLES]]
+        return {"total": len(self.reasons), "by_reason": dict(Counter(self.reasons.values())), "examples": examples}
 
 
 def new_tally():

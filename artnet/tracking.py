@@ -17,6 +17,7 @@ from artnet import plots
 from artnet.config import JobConfig, flatten
 
 JOB_TAG = "artnet.job"
+MODEL_URI_TAG = "artnet.model_uri"
 
 
 def tracking_uri(job: JobConfig) -> str:
@@ -99,4 +100,5 @@ class WorkerRun:
         example = np.zeros((1, size, size, 3), np.float32)
         signature = infer_signature(example, np.zeros((1, len(painters)), np.float32))
         with mlflow.start_run(run_id=self.run_id):
-            mlflow.keras.log_model(model, name="model", signature=signature)
+            info = mlflow.keras.log_model(model, name="model", signature=signature)
+            mlflow.set_tag(MODEL_URI_TAG, info.model_uri)  # what the registry step will register

@@ -61,11 +61,13 @@ def test_one_worker_trains_and_mlflow_holds_everything(small_catalog, tmp_path, 
     assert {"test_accuracy", "test_top3_accuracy", "test_macro_f1", "val_macro_f1"} <= set(run.data.metrics)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"confusion_matrix.png", "training_curves.png", "per_painter.json", "bad_images.json",
-            "manifest.parquet", "labels.json", "model"} <= artifacts
+            "manifest.parquet", "labels.json"} <= artifacts
     per_painter = json.loads(Path(client.download_artifacts(run.info.run_id, "per_painter.json", str(tmp_path))).read_text())
     assert sorted(per_painter) == result["painters"]
     # The registered-able model predicts exactly what the trained model in the final checkpoint predicts.
-    logged = mlflow.keras.load_model(f"runs:/{run.info.run_id}/model")
+    mlflow.set_tracking_uri(result["tracking_uri"])
+    logged = mlflow.keras.load_model(run.data.tags["artnet.model_uri"])
+    assert mlflow.keras.load_model(f"runs:/{run.info.run_id}/model") is not None
     in_memory = keras.models.load_model(os.path.join(result["checkpoint"], "model.keras"))
     x = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype(np.float32)
     np.testing.assert_allclose(logged.predict(x, verbose=0), in_memory.predict(x, verbose=0), rtol=1e-5, atol=1e-5)

@@ -13,7 +13,9 @@ PRESETS: dict[str, dict[str, str]] = {
               "train.head_epochs": "10"},
     # MobileNetV2 with the offline ImageNet weights: real transfer learning that fits a CPU.
     "mobilenet": {"model.backbone": "mobilenet_v2", "data.image_size": "224", "model.head_depth": "1",
-                  "model.head_width": "256", "model.dropout": "0.3", "train.unfreeze_blocks": "2"},
+                  "model.head_width": "256", "model.dropout": "0.3", "train.unfreeze_blocks": "4",
+                  "train.lr": "0.01", "train.label_smoothing": "0.1", "train.head_epochs": "4",
+                  "train.finetune_epochs": "6"},
     # Seconds-to-minutes on a laptop CPU: the tiny backbone on small images (the synthetic demo set).
     "demo": {"model.backbone": "tiny", "model.weights": "none", "data.image_size": "64", "model.head_depth": "1",
              "model.head_width": "64", "model.dropout": "0.2", "train.head_epochs": "3",

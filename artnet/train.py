@@ -139,11 +139,12 @@ def evaluate(predict, batches, num_classes: int) -> tuple[dict, np.ndarray]:
     return metrics.summarize(cm, top3, loss_sum), cm
 
 
-def _save_checkpoint(directory: str, model, optimizer, best_weights, state: TrainState) -> None:
+def _save_checkpoint(directory: str, model, optimizer_values: list | None, best_weights, state: TrainState) -> None:
     model.save_weights(os.path.join(directory, "model.weights.h5"))
     if best_weights is not None:
         np.savez(os.path.join(directory, "best.npz"), *best_weights)
-    np.savez(os.path.join(directory, "optimizer.npz"), *[v.numpy() for v in optimizer.variables])
+    if optimizer_values is not None:
+        np.savez(os.path.join(directory, "optimizer.npz"), *optimizer_values)
     with open(os.path.join(directory, CHECKPOINT_STATE), "w") as f:
         json.dump(state.__dict__, f)
 
@@ -162,8 +163,54 @@ def _load_arrays(path: str) -> list[np.ndarray] | None:
 
 # ------------------------------------------------------------------------------------------ worker loop
 
+def _restore(model) -> tuple[TrainState, list | None, list | None]:
+    """(state, best weights, optimizer values) from Ray Train's latest checkpoint, or a fresh start."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if not checkpoint:
+        return TrainState(), None, None
+    with checkpoint.as_directory() as directory:
+        model.load_weights(os.path.join(directory, "model.weights.h5"))
+        return (_load_state(directory), _load_arrays(os.path.join(directory, "best.npz")),
+                _load_arrays(os.path.join(directory, "optimizer.npz")))
+
+
+def _report(metrics_: dict, rank: int, model, optimizer_values, best_weights, state: TrainState,
+            save_model: bool = False) -> None:
+    """All ranks report (it is a barrier); rank 0 attaches the checkpoint."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as directory:
+        checkpoint = None
+        if rank == 0:
+            _save_checkpoint(directory, model, optimizer_values, best_weights, state)
+            if save_model:
+                model.save(os.path.join(directory, "model.keras"))
+            checkpoint = ray.train.Checkpoint.from_directory(directory)
+        ray.train.report(metrics_, checkpoint=checkpoint)
+
+
+def _train_epoch(train_data, step_fn, optimizer, lr_of_step, global_batch: int) -> dict:
+    start, loss_sum, correct, steps = time.perf_counter(), 0.0, 0.0, 0
+    for images, labels in train_data:
+        optimizer.learning_rate.assign(lr_of_step(steps))
+        loss, hits = step_fn(images, labels)
+        loss_sum, correct, steps = loss_sum + float(loss), correct + float(hits), steps + 1
+    seen = steps * global_batch
+    return {"train_loss": loss_sum / max(steps, 1), "train_accuracy": correct / max(seen, 1),
+            "lr": float(optimizer.learning_rate.numpy()), "images_per_s": seen / (time.perf_counter() - start)}
+
+
+def _epoch_line(record: dict, total_epochs: int, stopped: bool) -> str:
+    return (f"epoch {record['epoch']}/{total_epochs} [phase {record['phase']}] loss {record['train_loss']:.4f} "
+            f"acc {record['train_accuracy']:.3f} | val loss {record['val_loss']:.4f} acc {record['val_accuracy']:.3f} "
+            f"top3 {record['val_top3_accuracy']:.3f} f1 {record['val_macro_f1']:.3f} | "
+            f"{record['images_per_s']:.1f} img/s" + (" | early stop" if stopped else ""))
+
+
 def worker_loop(config: dict) -> None:
-    """Ray Train's train_loop_per_worker. `config`: job (JobConfig), painters, train_rows, run_id."""
+    """Ray Train's train_loop_per_worker. `config`: job (JobConfig), painters, train_rows, run_id, tracking_uri."""
     import keras
     import ray.train
     import tensorflow as tf
@@ -174,122 +221,90 @@ def worker_loop(config: dict) -> None:
     strategy = tf.distribute.MultiWorkerMirroredStrategy()  # before touching any dataset shard
     job: JobConfig = config["job"]
     painters: list[str] = config["painters"]
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    num_classes, size = len(painters), job.data.image_size
-    policy = precision_policy(job.train.precision, len(tf.config.list_logical_devices("GPU")))
+    rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
+    num_classes, size, tcfg = len(painters), job.data.image_size, job.train
+    policy = precision_policy(tcfg.precision, len(tf.config.list_logical_devices("GPU")))
     keras.mixed_precision.set_dtype_policy(policy)
-    keras.utils.set_random_seed(job.train.seed)
+    keras.utils.set_random_seed(tcfg.seed)
 
     replicas = strategy.num_replicas_in_sync
-    local_replicas = len(strategy.extended.worker_devices)
-    global_batch = job.train.batch_size * replicas
-    steps = max(1, schedule.steps_per_epoch(config["train_rows"], world, job.train.batch_size * local_replicas))
+    global_batch = tcfg.batch_size * replicas
+    steps = max(1, schedule.steps_per_epoch(config["train_rows"], world,
+                                            tcfg.batch_size * len(strategy.extended.worker_devices)))
     spec = backbones.get(job.model.backbone)
     with strategy.scope():
         model = model_lib.build_classifier(spec, job.model, num_classes, size)
-
-    state, best_weights, optimizer_values = TrainState(), None, None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as directory:
-            state = _load_state(directory)
-            model.load_weights(os.path.join(directory, "model.weights.h5"))
-            best_weights = _load_arrays(os.path.join(directory, "best.npz"))
-            optimizer_values = _load_arrays(os.path.join(directory, "optimizer.npz"))
-        if rank == 0:
-            print(f"resuming at epoch {state.epoch + 1} from {checkpoint.path}", flush=True)
+    state, best_weights, optimizer_values = _restore(model)
+    if rank == 0 and state.epoch:
+        print(f"resuming at epoch {state.epoch + 1}", flush=True)
 
     train_shard = ray.train.get_dataset_shard("train")
-    train_data = strategy.distribute_datasets_from_function(
-        lambda _: _tf_dataset(train_shard, job.train.batch_size, size))
+    train_data = strategy.distribute_datasets_from_function(lambda _: _tf_dataset(train_shard, tcfg.batch_size, size))
     run = tracking.WorkerRun(config["tracking_uri"], config["run_id"]) if rank == 0 else None
     worker_sum, predict = make_worker_sum(strategy), make_predict(model)
 
-    total_epochs = job.train.head_epochs + job.train.finetune_epochs
+    def split_batches(split: str):
+        return ray.train.get_dataset_shard(split).iter_batches(batch_size=job.data.batch_size, batch_format="numpy")
+
+    total_epochs = tcfg.head_epochs + tcfg.finetune_epochs
     phase, optimizer, step_fn = 0, None, None
     while state.epoch < total_epochs:
         epoch = state.epoch
-        epoch_phase = schedule.phase_of(epoch, job.train.head_epochs)
-        if state.stopped_phase == epoch_phase:  # early stopping ended this phase: jump to the next one
-            state.epoch = job.train.head_epochs if epoch_phase == 1 else total_epochs
+        if state.stopped_phase == schedule.phase_of(epoch, tcfg.head_epochs):  # early stop ended this phase
+            state.epoch = tcfg.head_epochs if epoch < tcfg.head_epochs else total_epochs
             continue
-        if epoch_phase != phase:
-            phase = epoch_phase
-            unfrozen = model_lib.set_trainable_blocks(model, spec, job.train.unfreeze_blocks if phase == 2 else 0)
+        if schedule.phase_of(epoch, tcfg.head_epochs) != phase:
+            phase = schedule.phase_of(epoch, tcfg.head_epochs)
+            unfrozen = model_lib.set_trainable_blocks(model, spec, tcfg.unfreeze_blocks if phase == 2 else 0)
             optimizer = make_optimizer(strategy, model, policy)
             if optimizer_values is not None and state.history and state.history[-1]["phase"] == phase:
-                # resuming inside a phase: its optimizer state (moments, step count) comes back too
-                for variable, value in zip(optimizer.variables, optimizer_values):
+                for variable, value in zip(optimizer.variables, optimizer_values):  # resuming inside a phase
                     variable.assign(value)
-            optimizer_values = None
-            step_fn = make_train_step(strategy, model, optimizer, global_batch, job.train.label_smoothing)
+            optimizer_values = None  # consumed, or it belonged to the other phase
+            step_fn = make_train_step(strategy, model, optimizer, global_batch, tcfg.label_smoothing)
             if rank == 0:
                 print(f"phase {phase}: {len(model.trainable_variables)} trainable tensors, {unfrozen} backbone "
                       f"layers unfrozen; {replicas} replica(s) on {world} worker(s), global batch {global_batch}",
                       flush=True)
-        phase_start = 0 if phase == 1 else job.train.head_epochs
-        phase_epochs = job.train.head_epochs if phase == 1 else job.train.finetune_epochs
-        peak = schedule.scaled_lr(job.train.lr, global_batch) * (1.0 if phase == 1 else job.train.finetune_lr_factor)
-        warmup = int(job.train.warmup_epochs * steps)
-        step_in_phase = (epoch - phase_start) * steps
+        phase_first, phase_epochs = (0, tcfg.head_epochs) if phase == 1 else (tcfg.head_epochs, tcfg.finetune_epochs)
+        peak = schedule.scaled_lr(tcfg.lr, global_batch) * (1.0 if phase == 1 else tcfg.finetune_lr_factor)
+        offset = (epoch - phase_first) * steps
 
-        start, loss_sum, correct, seen, n_steps = time.perf_counter(), 0.0, 0.0, 0, 0
-        for images, labels in train_data:
-            optimizer.learning_rate.assign(schedule.lr_at(step_in_phase + n_steps, phase_epochs * steps, warmup, peak))
-            loss, hits = step_fn(images, labels)
-            loss_sum, correct, n_steps = loss_sum + float(loss), correct + float(hits), n_steps + 1
-            seen += global_batch
-        elapsed = time.perf_counter() - start
+        def lr_of_step(step: int) -> float:
+            return schedule.lr_at(offset + step, phase_epochs * steps, int(tcfg.warmup_epochs * steps), peak)
 
-        record = {"epoch": epoch + 1, "phase": phase, "train_loss": loss_sum / max(n_steps, 1),
-                  "train_accuracy": correct / max(seen, 1), "lr": float(optimizer.learning_rate.numpy()),
-                  "images_per_s": seen / elapsed, "images_per_s_per_replica": seen / elapsed / replicas}
+        record = {"epoch": epoch + 1, "phase": phase,
+                  **_train_epoch(train_data, step_fn, optimizer, lr_of_step, global_batch)}
+        record["images_per_s_per_replica"] = record["images_per_s"] / replicas
         stop = 0.0
         if rank == 0:
-            val, _ = evaluate(predict, ray.train.get_dataset_shard("val").iter_batches(
-                batch_size=job.data.batch_size, batch_format="numpy"), num_classes)
+            val, _ = evaluate(predict, split_batches("val"), num_classes)
             record.update({f"val_{k}": v for k, v in val.items() if k != "images"})
             if val["loss"] < state.best_val_loss:
                 state.best_val_loss, best_weights = val["loss"], model.get_weights()
-            losses = state.phase_losses(phase) + [val["loss"]]
-            stop = float(schedule.should_stop(losses, job.train.patience))
-        # Every worker learns rank 0's validation numbers and stop decision through one all-reduce.
-        shared = worker_sum([stop, record.get("val_loss", 0.0)])
+            stop = float(schedule.should_stop(state.phase_losses(phase) + [val["loss"]], tcfg.patience))
+        stopped = bool(worker_sum([stop])[0] > 0)  # every worker learns rank 0's decision: same epochs for all
         state.history.append(record)
         state.epoch = epoch + 1
-        if shared[0] > 0:
+        if stopped:
             state.stopped_phase = phase
-        with tempfile.TemporaryDirectory() as directory:
-            ckpt = None
-            if rank == 0:
-                _save_checkpoint(directory, model, optimizer, best_weights, state)
-                ckpt = ray.train.Checkpoint.from_directory(directory)
-                run.log_epoch(record)
-                print(f"epoch {epoch + 1}/{total_epochs} [phase {phase}] loss {record['train_loss']:.4f} "
-                      f"acc {record['train_accuracy']:.3f} | val loss {record['val_loss']:.4f} "
-                      f"acc {record['val_accuracy']:.3f} top3 {record['val_top3_accuracy']:.3f} "
-                      f"f1 {record['val_macro_f1']:.3f} | {record['images_per_s']:.1f} img/s"
-                      + (" | early stop" if shared[0] > 0 else ""), flush=True)
-            ray.train.report({**record, "val_loss": float(shared[1]), "done": False}, checkpoint=ckpt)
+        if rank == 0:
+            run.log_epoch(record)
+            print(_epoch_line(record, total_epochs, stopped), flush=True)
+        _report({**record, "done": False}, rank, model, [v.numpy() for v in optimizer.variables], best_weights, state)
 
     if best_weights is not None:
         model.set_weights(best_weights)
     final = {"epoch": state.epoch, "done": True}
     if rank == 0:
-        test, cm = evaluate(predict, ray.train.get_dataset_shard("test").iter_batches(
-            batch_size=job.data.batch_size, batch_format="numpy"), num_classes)
+        test, cm = evaluate(predict, split_batches("test"), num_classes)
         final.update({f"test_{k}": v for k, v in test.items()})
         run.log_final(model, test, cm, painters, state.history, size)
         print(f"test: accuracy {test['accuracy']:.3f}, top-3 {test['top3_accuracy']:.3f}, "
               f"macro-F1 {test['macro_f1']:.3f} on {test['images']} images", flush=True)
-    with tempfile.TemporaryDirectory() as directory:
-        ckpt = None
-        if rank == 0:
-            _save_checkpoint(directory, model, optimizer, best_weights, state)
-            model.save(os.path.join(directory, "model.keras"))
-            ckpt = ray.train.Checkpoint.from_directory(directory)
-        ray.train.report(final, checkpoint=ckpt)
+    # A re-run of a finished job trains no epoch: it keeps the optimizer state it was given.
+    values = [v.numpy() for v in optimizer.variables] if optimizer is not None else optimizer_values
+    _report(final, rank, model, values, best_weights, state, save_model=True)
 
 
 # ---------------------------------------------------------------------------------------------- driver

@@ -124,9 +124,15 @@ def test_restart_and_rerun_resume_from_checkpoint(small_catalog, tmp_path, ray_l
     assert iterations == expected_steps, "the phase-2 optimizer state (its step count) survived the restart"
 
     # Re-running the same job name with one more epoch resumes at epoch 5 instead of starting over.
-    again = train.fit(override(job, {"train.finetune_epochs": "4", "max_failures": "0"}))
+    longer = override(job, {"train.finetune_epochs": "4", "max_failures": "0"})
+    again = train.fit(longer)
     state = json.loads(Path(again["checkpoint"], train.CHECKPOINT_STATE).read_text())
     assert [h["epoch"] for h in state["history"]] == [1, 2, 3, 4, 5]
+    # Re-running a finished job trains nothing more and keeps its state.
+    done = train.fit(longer)
+    state = json.loads(Path(done["checkpoint"], train.CHECKPOINT_STATE).read_text())
+    assert [h["epoch"] for h in state["history"]] == [1, 2, 3, 4, 5]
+    assert Path(done["checkpoint"], "optimizer.npz").exists()
 
 
 def test_bad_train_config_fails_before_any_cluster_work(small_catalog, tmp_path, capsys):

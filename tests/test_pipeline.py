@@ -14,9 +14,12 @@ CFG = PipelineConfig(image_size=48, batch_size=8, decode_batch=4, seed=0)
 ALL_TRAIN = CatalogConfig(source="", split=(1.0, 0.0, 0.0))
 
 
-def collect(ds) -> dict[str, np.ndarray]:
+def collect(ds, by_key: bool = False) -> dict[str, np.ndarray]:
+    """Every row of one pass; `by_key` sorts them (parallel decode tasks finish in any order)."""
     parts = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
-    return {k: np.concatenate([p[k] for p in parts]) for k in ("image", "label", "key")}
+    out = {k: np.concatenate([p[k] for p in parts]) for k in ("image", "label", "key")}
+    order = np.argsort(out["key"]) if by_key else slice(None)
+    return {k: v[order] for k, v in out.items()}
 
 
 def manifest_of(source: str):
@@ -52,7 +55,7 @@ def test_eval_is_deterministic_and_train_shuffles_each_pass(tmp_path, ray_local)
     write_folder_set(tmp_path, PAINTERS)
     manifest = manifest_of(str(tmp_path))
     evaluation = pipeline.build_dataset(manifest, "train", CFG, train=False)
-    a, b = collect(evaluation), collect(evaluation)
+    a, b = collect(evaluation, by_key=True), collect(evaluation, by_key=True)
     np.testing.assert_array_equal(a["image"], b["image"])
     train = pipeline.build_dataset(manifest, "train", PipelineConfig(image_size=48, decode_batch=4), train=True)
     orders = [collect(train)["key"].tolist() for _ in range(3)]
@@ -65,8 +68,8 @@ def test_pipeline_reads_from_s3(tmp_path, s3_bucket, ray_local):
         storage.write_bytes(f"s3://{s3_bucket}/pipeline/{f.relative_to(tmp_path)}", f.read_bytes())
     manifest = manifest_of(f"s3://{s3_bucket}/pipeline")
     bad = pipeline.new_tally()
-    local = collect(pipeline.build_dataset(manifest_of(str(tmp_path)), "train", CFG, train=False))
-    remote = collect(pipeline.build_dataset(manifest, "train", CFG, train=False, bad_images=bad))
+    local = collect(pipeline.build_dataset(manifest_of(str(tmp_path)), "train", CFG, train=False), by_key=True)
+    remote = collect(pipeline.build_dataset(manifest, "train", CFG, train=False, bad_images=bad), by_key=True)
     np.testing.assert_array_equal(remote["image"], local["image"])
     assert ray_local.get(bad.summary.remote())["by_reason"] == {"corrupt": 1}
 

@@ -16,7 +16,8 @@ demo: $(STAMP)
 	$(VENV)/bin/artnet demo --workdir $(WORKDIR)
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q -m "not cluster"
+	$(VENV)/bin/python -m pytest -q -m cluster
 
 bench: $(STAMP)
 	$(VENV)/bin/python bench/pipeline.py

@@ -4,6 +4,7 @@ validates it (failing before any cluster work, naming the field), then makes one
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -195,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # TensorFlow's C++ start-up chatter hides the per-epoch lines; local Ray workers inherit this setting.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     args = build_parser().parse_args(argv)
     try:
         if args.command == "demo-data":

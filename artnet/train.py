@@ -11,6 +11,7 @@ decision then reaches every worker through one all-reduce, so all of them run th
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import tempfile
@@ -19,10 +20,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from artnet import backbones, metrics, schedule
+from artnet import backbones, metrics, schedule, storage
 from artnet.config import JobConfig
 
 CHECKPOINT_STATE = "state.json"
+# Workers log rather than print: Ray Train tees a worker's print to stdout and its logger, which doubles lines.
+log = logging.getLogger("artnet.train")
 
 
 @dataclass
@@ -236,7 +239,7 @@ def worker_loop(config: dict) -> None:
         model = model_lib.build_classifier(spec, job.model, num_classes, size)
     state, best_weights, optimizer_values = _restore(model)
     if rank == 0 and state.epoch:
-        print(f"resuming at epoch {state.epoch + 1}", flush=True)
+        log.info("resuming at epoch %d", state.epoch + 1)
 
     train_shard = ray.train.get_dataset_shard("train")
     train_data = strategy.distribute_datasets_from_function(lambda _: _tf_dataset(train_shard, tcfg.batch_size, size))
@@ -263,9 +266,9 @@ def worker_loop(config: dict) -> None:
             optimizer_values = None  # consumed, or it belonged to the other phase
             step_fn = make_train_step(strategy, model, optimizer, global_batch, tcfg.label_smoothing)
             if rank == 0:
-                print(f"phase {phase}: {len(model.trainable_variables)} trainable tensors, {unfrozen} backbone "
-                      f"layers unfrozen; {replicas} replica(s) on {world} worker(s), global batch {global_batch}",
-                      flush=True)
+                log.info("phase %d: %d trainable tensors, %d backbone layers unfrozen; %d replica(s) on %d "
+                         "worker(s), global batch %d", phase, len(model.trainable_variables), unfrozen, replicas,
+                         world, global_batch)
         phase_first, phase_epochs = (0, tcfg.head_epochs) if phase == 1 else (tcfg.head_epochs, tcfg.finetune_epochs)
         peak = schedule.scaled_lr(tcfg.lr, global_batch) * (1.0 if phase == 1 else tcfg.finetune_lr_factor)
         offset = (epoch - phase_first) * steps
@@ -290,7 +293,7 @@ def worker_loop(config: dict) -> None:
             state.stopped_phase = phase
         if rank == 0:
             run.log_epoch(record)
-            print(_epoch_line(record, total_epochs, stopped), flush=True)
+            log.info(_epoch_line(record, total_epochs, stopped))
         _report({**record, "done": False}, rank, model, [v.numpy() for v in optimizer.variables], best_weights, state)
 
     if best_weights is not None:
@@ -300,8 +303,8 @@ def worker_loop(config: dict) -> None:
         test, cm = evaluate(predict, split_batches("test"), num_classes)
         final.update({f"test_{k}": v for k, v in test.items()})
         run.log_final(model, test, cm, painters, state.history, size)
-        print(f"test: accuracy {test['accuracy']:.3f}, top-3 {test['top3_accuracy']:.3f}, "
-              f"macro-F1 {test['macro_f1']:.3f} on {test['images']} images", flush=True)
+        log.info("test: accuracy %.3f, top-3 %.3f, macro-F1 %.3f on %d images", test["accuracy"],
+                 test["top3_accuracy"], test["macro_f1"], test["images"])
     # A re-run of a finished job trains no epoch: it keeps the optimizer state it was given.
     values = [v.numpy() for v in optimizer.variables] if optimizer is not None else optimizer_values
     _report(final, rank, model, values, best_weights, state, save_model=True)
@@ -339,8 +342,6 @@ def _check_manifest(manifest, painters: list[str]) -> dict[str, int]:
 
 def _run_config(job: JobConfig):
     import ray.train
-
-    from artnet import storage
 
     base = job.storage_path or os.path.abspath(os.path.join(job.workdir, "ray_results"))
     kwargs = {}
@@ -398,7 +399,10 @@ def fit(job: JobConfig) -> dict:
     for name in (catalog.MANIFEST, catalog.LABELS):
         client.log_artifact(run_id, _copy_local(job.catalog, name))
     client.set_terminated(run_id, "FINISHED")
-    return {"metrics": result.metrics, "run_id": run_id, "tracking_uri": uri, "checkpoint": result.checkpoint.path,
+    checkpoint = result.checkpoint.path
+    if storage.is_s3(job.storage_path):
+        checkpoint = f"s3://{checkpoint}"
+    return {"metrics": result.metrics, "run_id": run_id, "tracking_uri": uri, "checkpoint": checkpoint,
             "bad_images": skipped, "painters": painters}
 
 
@@ -410,8 +414,6 @@ def _write_json(data: dict, name: str) -> str:
 
 
 def _copy_local(base: str, name: str) -> str:
-    from artnet import storage
-
     path = os.path.join(tempfile.mkdtemp(), name)
     with open(path, "wb") as f:
         f.write(storage.read_bytes(storage.join(base, name)))

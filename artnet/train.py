@@ -340,6 +340,21 @@ def _check_manifest(manifest, painters: list[str]) -> dict[str, int]:
     return counts
 
 
+def _check_cpu_headroom(job: JobConfig) -> None:
+    """Training workers that take every CPU leave none for Ray Data's decode tasks, and the job would wait
+    forever for its first batch: refuse that before starting."""
+    import ray
+
+    from artnet.config import ConfigError
+
+    total = ray.cluster_resources().get("CPU", 0)
+    wanted = job.scaling.num_workers * job.scaling.cpus_per_worker
+    if total - wanted < 1:
+        raise ConfigError("scaling.num_workers", f"{job.scaling.num_workers} worker(s) x "
+                          f"{job.scaling.cpus_per_worker} CPU take all {total:g} CPUs of the cluster, none is left "
+                          "for decoding images", "use fewer workers or cpus_per_worker, or add CPU nodes")
+
+
 def _run_config(job: JobConfig):
     import ray.train
 
@@ -368,9 +383,10 @@ def fit(job: JobConfig) -> dict:
     job = resolve(job)
     manifest, painters = catalog.load(job.catalog)
     counts = _check_manifest(manifest, painters)
+    ray.init(ignore_reinit_error=True)
+    _check_cpu_headroom(job)
     uri = tracking.tracking_uri(job)
     run_id = tracking.start_job_run(job, uri)
-    ray.init(ignore_reinit_error=True)
     bad = pipeline.new_tally()
     datasets = {split: pipeline.build_dataset(manifest, split, job.data, train=(split == "train"), bad_images=bad)
                 for split in ("train", "val", "test")}

@@ -32,7 +32,10 @@ def one_run(catalog_dir: str, workdir: str, workers: int, size: int) -> dict:
         "train.head_epochs": "0", "train.finetune_epochs": "2", "train.patience": "0",
         "scaling.num_workers": str(workers), "train.batch_size": "16"})
     import mlflow
+    import ray
 
+    # Logical CPUs beyond the cores: each training worker holds one, and Ray Data's decode tasks need their own.
+    ray.init(num_cpus=workers + 2)
     result = train.fit(job)
     history = mlflow.MlflowClient(result["tracking_uri"]).get_metric_history(result["run_id"], "images_per_s")
     warm = sorted(history, key=lambda m: m.step)[-1].value

@@ -145,6 +145,16 @@ def test_bad_train_config_fails_before_any_cluster_work(small_catalog, tmp_path,
     assert not any(tmp_path.iterdir()), "nothing was started or written"
 
 
+def test_workers_that_take_every_cpu_are_refused_before_training(small_catalog, tmp_path, ray_local):
+    from artnet.config import ConfigError
+
+    cpus = int(ray_local.cluster_resources()["CPU"])
+    with pytest.raises(ConfigError) as err:
+        train.fit(job_for(small_catalog, tmp_path, "greedy", scaling__num_workers=cpus))
+    assert err.value.field == "scaling.num_workers" and "decoding" in str(err.value)
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "ray_results").exists()
+
+
 @pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
 def test_mirrored_over_two_devices_matches_one_device(policy):
     out = subprocess.run([sys.executable, str(REPO / "tests" / "helpers" / "mirrored_equivalence.py"), policy],

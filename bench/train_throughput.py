@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -27,7 +28,7 @@ def one_run(catalog_dir: str, workdir: str, workers: int, size: int) -> dict:
     from artnet.config import override
 
     job = override(presets.preset("mobilenet"), {
-        "catalog": catalog_dir, "workdir": workdir, "name": f"throughput-{workers}", "data.image_size": str(size),
+        "catalog": catalog_dir, "workdir": workdir, "name": f"throughput-{workers}w-{int(time.time())}", "data.image_size": str(size),
         "model.weights": str(SHARED / "weights" / "mobilenet_v2_1.0_224_imagenet1001.weights.h5"),
         "train.head_epochs": "0", "train.finetune_epochs": "2", "train.patience": "0",
         "scaling.num_workers": str(workers), "train.batch_size": "16"})

@@ -158,7 +158,8 @@ def demo(workdir: str) -> dict:
     run_catalog(CatalogConfig(source=data, split=(0.7, 0.15, 0.15)), out)
     preview(out, PipelineConfig(image_size=128, batch_size=16), batches=2,
             grid_png=storage.join(workdir, "augmented_samples.png"))
-    job = override(presets.preset("demo"), {"catalog": out, "workdir": workdir, "name": "demo"})
+    # A fresh job name each time: the same name would resume the finished demo instead of training again.
+    job = override(presets.preset("demo"), {"catalog": out, "workdir": workdir, "name": f"demo-{time.strftime('%Y%m%d-%H%M%S')}"})
     result = train.fit(job)
     print_result(result)
     return result

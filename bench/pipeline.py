@@ -1,7 +1,7 @@
 """Decode + augment throughput: the artnet Ray Data pipeline vs a tf.data baseline, per CPU core.
 
 Each measurement runs in its own process with its CPU budget fixed (Ray: `num_cpus`; tf.data: thread pools),
-reads every image of the set once to warm up, then times a second full pass. Two sets: the 256-px shared
+reads every image of the set once to warm up, then reports the median of three timed passes. Two sets: the 256-px shared
 paintings and synthetic full-size (1500x1200) JPEGs made from them. Writes bench/results/pipeline.json.
 
     python bench/pipeline.py [--small 600] [--large 200] [--size 299]
@@ -62,10 +62,18 @@ def run_ray(paths: list[str], cpus: int, size: int) -> float:
     def one_pass() -> int:
         return sum(len(b["label"]) for b in ds.iter_batches(batch_size=32, batch_format="numpy"))
 
+    return timed(one_pass)
+
+
+def timed(one_pass, repeats: int = 3) -> float:
+    """Median images/s over `repeats` passes after one warm-up pass (single passes varied up to 2x for tf.data)."""
     one_pass()
-    start = time.perf_counter()
-    n = one_pass()
-    return n / (time.perf_counter() - start)
+    rates = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        n = one_pass()
+        rates.append(n / (time.perf_counter() - start))
+    return float(np.median(rates))
 
 
 def run_tfdata(paths: list[str], cpus: int, size: int) -> float:
@@ -92,10 +100,7 @@ def run_tfdata(paths: list[str], cpus: int, size: int) -> float:
     def one_pass() -> int:
         return sum(int(b.shape[0]) for b in ds)
 
-    one_pass()
-    start = time.perf_counter()
-    n = one_pass()
-    return n / (time.perf_counter() - start)
+    return timed(one_pass)
 
 
 def measure(kind: str, paths_file: Path, cpus: int, size: int) -> float:

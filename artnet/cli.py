@@ -52,7 +52,7 @@ def _yaml_overrides(path: str) -> dict[str, str]:
     return dict(walk(yaml.safe_load(storage.read_bytes(path)) or {}))
 
 
-def _assignments(items: list[str]) -> dict[str, str]:
+def parse_assignments(items: list[str]) -> dict[str, str]:
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -97,7 +97,7 @@ def job_config(args: argparse.Namespace) -> JobConfig:
     if args.config:
         job = override(job, _yaml_overrides(args.config))
     flags = {TRAIN_FLAGS[k]: str(v) for k, v in vars(args).items() if k in TRAIN_FLAGS and v is not None}
-    job = override(job, {**flags, **_assignments(args.set), "catalog": args.catalog})
+    job = override(job, {**flags, **parse_assignments(args.set), "catalog": args.catalog})
     return train.resolve(job)
 
 

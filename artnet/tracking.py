@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 
 import numpy as np
 
@@ -58,6 +59,27 @@ def start_job_run(job: JobConfig, uri: str) -> str:
     return run.info.run_id
 
 
+def finish_job_run(uri: str, run_id: str, bad_images: dict, catalog_dir: str) -> None:
+    """Driver-side end of a job: the bad-image count (the tally lives on the driver), the manifest and labels
+    it trained on, and the run marked finished."""
+    import mlflow
+
+    from artnet import catalog, storage
+
+    client = mlflow.MlflowClient(uri)
+    client.log_metric(run_id, "bad_images_skipped", bad_images["total"])
+    client.set_tag(run_id, "bad_images", json.dumps(bad_images["by_reason"]))
+    with tempfile.TemporaryDirectory() as d:
+        with open(os.path.join(d, "bad_images.json"), "w") as f:
+            json.dump(bad_images, f, indent=2)
+        for name in (catalog.MANIFEST, catalog.LABELS):
+            with open(os.path.join(d, name), "wb") as f:
+                f.write(storage.read_bytes(storage.join(catalog_dir, name)))
+        for name in ("bad_images.json", catalog.MANIFEST, catalog.LABELS):
+            client.log_artifact(run_id, os.path.join(d, name))
+    client.set_terminated(run_id, "FINISHED")
+
+
 class WorkerRun:
     """Rank 0's handle on the job's run: per-epoch metrics, then the final artifacts and model."""
 
@@ -71,7 +93,7 @@ class WorkerRun:
         import mlflow
 
         step = int(record["epoch"])
-        values = [mlflow.entities.Metric(k, float(v), int(1000 * __import__("time").time()), step)
+        values = [mlflow.entities.Metric(k, float(v), int(1000 * time.time()), step)
                   for k, v in record.items() if k != "epoch" and isinstance(v, (int, float))]
         self.client.log_batch(self.run_id, metrics=values)
 

@@ -406,31 +406,9 @@ def fit(job: JobConfig) -> dict:
     )
     result = trainer.fit()
     skipped = ray.get(bad.summary.remote())
-    import mlflow
-
-    client = mlflow.MlflowClient(uri)
-    client.log_metric(run_id, "bad_images_skipped", skipped["total"])
-    client.set_tag(run_id, "bad_images", json.dumps(skipped["by_reason"]))
-    client.log_artifact(run_id, _write_json(skipped, "bad_images.json"))
-    for name in (catalog.MANIFEST, catalog.LABELS):
-        client.log_artifact(run_id, _copy_local(job.catalog, name))
-    client.set_terminated(run_id, "FINISHED")
+    tracking.finish_job_run(uri, run_id, skipped, job.catalog)
     checkpoint = result.checkpoint.path
     if storage.is_s3(job.storage_path):
         checkpoint = f"s3://{checkpoint}"
     return {"metrics": result.metrics, "run_id": run_id, "tracking_uri": uri, "checkpoint": checkpoint,
             "bad_images": skipped, "painters": painters}
-
-
-def _write_json(data: dict, name: str) -> str:
-    path = os.path.join(tempfile.mkdtemp(), name)
-    with open(path, "w") as f:
-        json.dump(data, f, indent=2)
-    return path
-
-
-def _copy_local(base: str, name: str) -> str:
-    path = os.path.join(tempfile.mkdtemp(), name)
-    with open(path, "wb") as f:
-        f.write(storage.read_bytes(storage.join(base, name)))
-    return path

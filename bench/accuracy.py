@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from artnet import catalog, presets, train
-from artnet.cli import _assignments, run_catalog
+from artnet.cli import parse_assignments, run_catalog
 from artnet.config import CatalogConfig, override
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,7 +40,7 @@ def main() -> None:
     job = override(presets.preset("mobilenet"), {
         "catalog": cat_dir, "workdir": str(workdir), "name": f"accuracy-{args.task}-{int(time.time())}",
         "model.weights": str(SHARED / "weights" / "mobilenet_v2_1.0_224_imagenet1001.weights.h5"),
-        **_assignments(args.set)})
+        **parse_assignments(args.set)})
     start = time.time()
     result = train.fit(job)
     metrics = result["metrics"]

@@ -118,10 +118,10 @@ def _relative(path: str, root: str) -> str:
     return posixpath.relpath(path.replace("\\", "/"), root.replace("\\", "/"))
 
 
-def read_folder_or_flat(source: str, layout: str) -> Listing:
+def read_folder_or_flat(source: str, layout: str, files: list) -> Listing:
     fs_root = storage.resolve(source)[1]
     listing = Listing()
-    for info in storage.list_files(source):
+    for info in files:
         rel = _relative(info.path, fs_root)
         if not is_image_name(rel):
             listing.skipped["not_an_image_file"] += 1
@@ -188,12 +188,12 @@ def _label_names(schema: pa.Schema, column: str) -> list[str] | None:
     return list(names) if names else None
 
 
-def read_parquet_images(source: str) -> Listing:
+def read_parquet_images(source: str, files: list) -> Listing:
     """Hugging Face WikiArt style: an `image` struct {bytes, path} (or plain bytes) and an `artist` name or
     class index whose names live in the schema metadata. Only the small columns are read, never the bytes."""
     fs, fs_root = storage.resolve(source)
     listing = Listing()
-    for info in storage.list_files(source):
+    for info in files:
         if not info.path.endswith(".parquet"):
             continue
         pf = pq.ParquetFile(info.path, filesystem=fs)
@@ -215,15 +215,12 @@ def read_parquet_images(source: str) -> Listing:
     return listing
 
 
-def detect_layout(source: str) -> str:
-    lowered = source.lower().rstrip("/")
-    if lowered.endswith(".csv"):
-        return "csv"
-    if lowered.endswith(".parquet"):
+def detect_layout(source: str, files: list) -> str:
+    if source.lower().rstrip("/").endswith(".parquet"):
         return "parquet"
     fs_root = storage.resolve(source)[1]
     depths = Counter()
-    for info in storage.list_files(source):
+    for info in files:
         rel = _relative(info.path, fs_root)
         if rel.endswith(".parquet"):
             depths["parquet"] += 1
@@ -237,12 +234,13 @@ def detect_layout(source: str) -> str:
 def read_source(source: str, layout: str = "auto") -> Listing:
     if layout not in LAYOUTS:
         raise ConfigError("catalog.layout", f"is {layout!r}", f"use one of {', '.join(LAYOUTS)}")
-    layout = detect_layout(source) if layout == "auto" else layout
-    if layout == "csv":
+    if layout == "csv" or source.lower().endswith(".csv"):
         return read_csv_index(source)
+    files = storage.list_files(source)  # one listing serves detection and reading (it is the slow part on S3)
+    layout = detect_layout(source, files) if layout == "auto" else layout
     if layout == "parquet":
-        return read_parquet_images(source)
-    return read_folder_or_flat(source, layout)
+        return read_parquet_images(source, files)
+    return read_folder_or_flat(source, layout, files)
 
 
 # ---------------------------------------------------------------------------------------------- build/write

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from artnet.config import ConfigError, JobConfig, override
+from artnet.model import STUDY_HEAD
 
 PRESETS: dict[str, dict[str, str]] = {
     # The production default: InceptionV3 at 299 px, a two-layer head, top two Inception blocks fine-tuned.
     "inception": {},
     # The study this project grew from: frozen InceptionV3 features, a deep halving head 512 -> 8, 50% dropout.
-    "study": {"model.head_depth": "7", "model.head_width": "512", "model.head_halving": "true",
-              "model.dropout": "0.5", "train.unfreeze_blocks": "0", "train.finetune_epochs": "0",
+    "study": {**{f"model.{k}": str(getattr(STUDY_HEAD, k)) for k in ("head_depth", "head_width", "head_halving",
+                                                                      "dropout")},
+              "train.unfreeze_blocks": "0", "train.finetune_epochs": "0",
               "train.head_epochs": "10"},
     # MobileNetV2 with the offline ImageNet weights: real transfer learning that fits a CPU.
     "mobilenet": {"model.backbone": "mobilenet_v2", "data.image_size": "224", "model.head_depth": "1",

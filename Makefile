@@ -3,6 +3,11 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed-stamp
 WORKDIR ?= work/demo
+# `make demo` trains on real paintings when the shared ones are beside the checkout (or ARTNET_DATA and
+# ARTNET_WEIGHTS name others); otherwise on a synthetic stand-in.
+SHARED ?= ../shared
+export ARTNET_DATA ?= $(wildcard $(SHARED)/data/paintings)
+export ARTNET_WEIGHTS ?= $(wildcard $(SHARED)/weights/mobilenet_v2_1.0_224_imagenet1001.weights.h5)
 
 .PHONY: demo test bench clean
 

@@ -113,6 +113,9 @@ def fetch_weights(uri: str, sha256: str = "") -> str:
         key = hashlib.sha256(uri.encode()).hexdigest()[:16]
         path = os.path.join(cache_dir(), "weights", key, os.path.basename(uri))
         if not os.path.exists(path) or (sha256 and sha256_of(path) != sha256):
+            if not storage.exists(uri):
+                raise ConfigError("model.weights", f"{uri} does not exist",
+                                  "check the bucket and key of the weights file")
             os.makedirs(os.path.dirname(path), exist_ok=True)
             tmp = f"{path}.part{os.getpid()}"
             with open(tmp, "wb") as f:
@@ -174,21 +177,38 @@ def build_backbone(spec: BackboneSpec, cfg: ModelConfig, size: int):
         try:
             return spec.factory(input_shape=shape, weights="imagenet", **kwargs)
         except Exception as e:  # offline cluster, blocked hub: say what to do instead
-            raise RuntimeError(f"could not get ImageNet weights for {spec.name} ({type(e).__name__}: {e}). "
-                               "Pass a local file or s3:// URI: --set model.weights=PATH") from e
+            raise ConfigError("model.weights", f"ImageNet weights for {spec.name} could not be downloaded "
+                              f"({type(e).__name__}: {_first_line(e)})",
+                              "pass a weights file or an s3:// URI: --weights FILE|s3://bucket/key.h5") from None
     path = fetch_weights(cfg.weights, cfg.weights_sha256)
     model = spec.factory(input_shape=shape, weights=None, **kwargs)
     try:
         model.load_weights(path)
         return model
     except Exception as first_error:
-        classes = _classes_in_file(path)
+        try:
+            classes = _classes_in_file(path)
+        except OSError as e:
+            raise ConfigError("model.weights", f"{cfg.weights} is not a readable weights file ({_first_line(e)})",
+                              "pass a Keras .h5 / .weights.h5 file (model.save_weights), an s3:// URI, "
+                              "'imagenet' or 'none'") from None
         if classes is None:
-            raise ValueError(f"{path} does not fit {spec.name}: {first_error}") from first_error
+            raise ConfigError("model.weights", f"{cfg.weights} does not fit {spec.name} "
+                              f"({_first_line(first_error)})",
+                              f"pass weights saved from a {spec.name} model, or choose the matching "
+                              "--backbone") from None
     # A file saved with its classification top: load it into a model with that top, then copy by layer name
     # (convolution weights do not depend on the input size).
     full = spec.factory(include_top=True, weights=None, classes=classes,
                         **{k: v for k, v in kwargs.items() if k not in ("include_top", "pooling", "name")})
-    full.load_weights(path)
-    copy_weights_by_name(full, model)
+    try:
+        full.load_weights(path)
+        copy_weights_by_name(full, model)
+    except Exception as e:
+        raise ConfigError("model.weights", f"{cfg.weights} does not fit {spec.name} ({_first_line(e)})",
+                          f"pass weights saved from a {spec.name} model, or choose the matching --backbone") from None
     return model
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [""])[0][:200]

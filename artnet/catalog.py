@@ -147,7 +147,8 @@ def _pick_column(header: list[str], candidates: tuple[str, ...], what: str, sour
     for c in candidates:
         if c in lowered:
             return lowered[c]
-    raise ValueError(f"{source}: no {what} column; expected one of {', '.join(candidates)} (found {header})")
+    raise ConfigError("catalog.source", f"{source} has no {what} column (found {', '.join(header)})",
+                      f"name one column {' or '.join(candidates)}")
 
 
 def read_csv_index(source: str) -> Listing:
@@ -227,13 +228,18 @@ def detect_layout(source: str, files: list) -> str:
         elif is_image_name(rel):
             depths["folder" if "/" in rel else "flat"] += 1
     if not depths:
-        raise ValueError(f"{source}: found no images and no Parquet files")
+        raise ConfigError("catalog.source", f"{source} holds no images and no Parquet files",
+                          f"point at a folder of painter folders, <Painter>_<n> images, a CSV index or Parquet "
+                          f"files ({', '.join(IMAGE_EXTENSIONS)})")
     return depths.most_common(1)[0][0]
 
 
 def read_source(source: str, layout: str = "auto") -> Listing:
     if layout not in LAYOUTS:
         raise ConfigError("catalog.layout", f"is {layout!r}", f"use one of {', '.join(LAYOUTS)}")
+    if not storage.exists(source):
+        raise ConfigError("catalog.source", f"{source} does not exist",
+                          "check the path or s3:// prefix (local paths are relative to the current directory)")
     if layout == "csv" or source.lower().endswith(".csv"):
         return read_csv_index(source)
     files = storage.list_files(source)  # one listing serves detection and reading (it is the slow part on S3)
@@ -248,6 +254,11 @@ def read_source(source: str, layout: str = "auto") -> Listing:
 def build(cfg: CatalogConfig, layout: str = "auto") -> Catalog:
     cfg.validate()
     listing = read_source(cfg.source, layout)
+    if not listing.painters:
+        passed = ", ".join(f"{n} {why}" for why, n in sorted(listing.skipped.items())) or "nothing"
+        raise ConfigError("catalog.source", f"{cfg.source} has no labelled paintings (passed over: {passed})",
+                          "use a folder per painter, <Painter>_<n> file names, a CSV index or Parquet with an "
+                          "artist column, or name the layout with --layout")
     painters = select_painters(Counter(listing.painters), cfg)
     if not painters:
         raise ConfigError("catalog.min_paintings", f"no painter has {cfg.min_paintings}+ paintings in {cfg.source}",
@@ -277,6 +288,9 @@ def write(catalog: Catalog, out: str, cfg: CatalogConfig) -> None:
 
 def load(out: str) -> tuple[pa.Table, list[str]]:
     """(manifest, painter names by label) as written by `write`."""
+    if not storage.exists(storage.join(out, MANIFEST)):
+        raise ConfigError("catalog", f"{out} holds no {MANIFEST}",
+                          f"write one first: artnet catalog SOURCE --out {out}")
     manifest = pq.read_table(io.BytesIO(storage.read_bytes(storage.join(out, MANIFEST))))
     labels = json.loads(storage.read_bytes(storage.join(out, LABELS)))
     return manifest, labels["painters"]

@@ -6,13 +6,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-
-class ConfigError(ValueError):
-    """A config value that cannot work; the message names the field and the fix."""
-
-    def __init__(self, field_name: str, problem: str, fix: str):
-        self.field = field_name
-        super().__init__(f"config field '{field_name}': {problem}. Fix: {fix}")
+from artnet.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -121,6 +115,9 @@ class ModelConfig:
     def validate(self) -> None:
         if self.backbone not in BACKBONES:
             raise ConfigError("model.backbone", f"is {self.backbone!r}", f"use one of {', '.join(BACKBONES)}")
+        if self.alpha != 1.0 and not self.backbone.startswith("mobilenet"):
+            raise ConfigError("model.alpha", f"is {self.alpha}, but only MobileNet backbones have a width multiplier",
+                              "leave model.alpha at 1.0, or use a mobilenet backbone")
         if self.head_depth < 0:
             raise ConfigError("model.head_depth", f"is {self.head_depth}", "use 0 (linear head) or more layers")
         if self.head_width < 1:
@@ -150,7 +147,6 @@ class TrainConfig:
     patience: int = 3  # epochs without val-loss improvement before a phase stops early; 0 = never
     precision: str = "auto"  # auto = mixed_bfloat16 on GPUs, float32 on CPUs
     seed: int = 0
-    max_steps_per_epoch: int = 0  # 0 = whole epoch; a cap for smoke tests
 
     def validate(self) -> None:
         if self.head_epochs < 0 or self.finetune_epochs < 0 or self.head_epochs + self.finetune_epochs == 0:

@@ -9,6 +9,7 @@ AWS_ENDPOINT_URL, or an explicit `endpoint=` argument.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import posixpath
@@ -16,6 +17,8 @@ from dataclasses import dataclass
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
+
+from artnet.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,54 @@ def is_s3(uri: str) -> bool:
 
 def is_local(uri: str) -> bool:
     return "://" not in uri or uri.startswith("file://")
+
+
+def absolute(uri: str) -> str:
+    """A local path made absolute, URIs as they are. Ray workers do not run in the driver's working directory,
+    so every local path a job ships to them is made absolute on the driver first."""
+    if uri.startswith("file://"):
+        uri = uri[len("file://"):]
+    if not uri or "://" in uri:
+        return uri
+    return os.path.abspath(os.path.expanduser(uri))
+
+
+# Substrings of the AWS SDK's messages (as pyarrow passes them on) -> what the user should look at.
+_S3_FAULTS = (
+    (("NETWORK_CONNECTION", "Could not connect", "Couldn't resolve", "curlCode"),
+     "cannot reach the object store at {endpoint}",
+     "check AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL (or unset them for AWS itself) and the network"),
+    (("ACCESS_DENIED", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken",
+      "ExpiredToken", "HTTP response code: 403", "No credentials"),
+     "access denied by the object store at {endpoint}",
+     "check the credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, ~/.aws, the instance role) and that "
+     "they may use this bucket"),
+    (("NoSuchBucket", "NO_SUCH_BUCKET", "does not exist"),
+     "the bucket does not exist at {endpoint}",
+     "check the bucket name in the URI, or create the bucket"),
+)
+
+
+def explain_s3_error(uri: str, error: BaseException) -> UserError | None:
+    """A one-line `UserError` for an object-store failure the user can fix (endpoint, credentials, bucket),
+    or None when the error is something else."""
+    text = str(error)
+    endpoint = S3Settings.from_env().endpoint or "AWS's default endpoint"
+    for needles, problem, fix in _S3_FAULTS:
+        if any(n in text for n in needles):
+            return UserError(uri, problem.format(endpoint=endpoint), fix)
+    return None
+
+
+@contextlib.contextmanager
+def _explained(uri: str):
+    try:
+        yield
+    except OSError as e:
+        explained = explain_s3_error(uri, e) if is_s3(uri) else None
+        if explained is None:
+            raise
+        raise explained from e
 
 
 @functools.lru_cache(maxsize=8)
@@ -81,33 +132,36 @@ def join(base: str, *parts: str) -> str:
 
 def read_bytes(uri: str, settings: S3Settings | None = None) -> bytes:
     fs, path = resolve(uri, settings)
-    with fs.open_input_stream(path) as f:
+    with _explained(uri), fs.open_input_stream(path) as f:
         return f.read()
 
 
 def write_bytes(uri: str, data: bytes, settings: S3Settings | None = None) -> None:
     fs, path = resolve(uri, settings)
     parent = posixpath.dirname(path) if is_s3(uri) else os.path.dirname(path)
-    if parent:
-        fs.create_dir(parent, recursive=True)
-    with fs.open_output_stream(path) as f:
-        f.write(data)
+    with _explained(uri):
+        if parent:
+            fs.create_dir(parent, recursive=True)
+        with fs.open_output_stream(path) as f:
+            f.write(data)
 
 
 def exists(uri: str, settings: S3Settings | None = None) -> bool:
     fs, path = resolve(uri, settings)
-    return fs.get_file_info(path).type != pafs.FileType.NotFound
+    with _explained(uri):
+        return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
 def list_files(uri: str, settings: S3Settings | None = None) -> list[pafs.FileInfo]:
     """Every file below `uri` (recursive), sorted by path. Raises FileNotFoundError for a missing prefix."""
     fs, path = resolve(uri, settings)
-    info = fs.get_file_info(path)
-    if info.type == pafs.FileType.NotFound:
-        raise FileNotFoundError(f"nothing at {uri}")
-    if info.type == pafs.FileType.File:
-        return [info]
-    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    with _explained(uri):
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.NotFound:
+            raise FileNotFoundError(f"nothing at {uri}")
+        if info.type == pafs.FileType.File:
+            return [info]
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
     return sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path)
 
 

@@ -80,6 +80,13 @@ def finish_job_run(uri: str, run_id: str, bad_images: dict, catalog_dir: str) ->
     client.set_terminated(run_id, "FINISHED")
 
 
+def model_uri(uri: str, run_id: str) -> str | None:
+    """The URI of the model a job logged (what the registry registers), or None if it logged none."""
+    import mlflow
+
+    return mlflow.MlflowClient(uri).get_run(run_id).data.tags.get(MODEL_URI_TAG)
+
+
 class WorkerRun:
     """Rank 0's handle on the job's run: per-epoch metrics, then the final artifacts and model."""
 

@@ -11,7 +11,6 @@ decision then reaches every worker through one all-reduce, so all of them run th
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import tempfile
@@ -20,12 +19,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from artnet import backbones, metrics, schedule, storage
+from artnet import backbones, console, metrics, schedule, storage
 from artnet.config import JobConfig
 
 CHECKPOINT_STATE = "state.json"
-# Workers log rather than print: Ray Train tees a worker's print to stdout and its logger, which doubles lines.
-log = logging.getLogger("artnet.train")
 
 
 @dataclass
@@ -213,7 +210,8 @@ def _epoch_line(record: dict, total_epochs: int, stopped: bool) -> str:
 
 
 def worker_loop(config: dict) -> None:
-    """Ray Train's train_loop_per_worker. `config`: job (JobConfig), painters, train_rows, run_id, tracking_uri."""
+    """Ray Train's train_loop_per_worker. `config`: job (JobConfig), painters, train_rows, run_id, tracking_uri,
+    progress (a `console.relay` actor or None)."""
     import keras
     import ray.train
     import tensorflow as tf
@@ -224,6 +222,7 @@ def worker_loop(config: dict) -> None:
     strategy = tf.distribute.MultiWorkerMirroredStrategy()  # before touching any dataset shard
     job: JobConfig = config["job"]
     painters: list[str] = config["painters"]
+    progress = config.get("progress")  # the driver's console (rank 0 only speaks)
     rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
     num_classes, size, tcfg = len(painters), job.data.image_size, job.train
     policy = precision_policy(tcfg.precision, len(tf.config.list_logical_devices("GPU")))
@@ -239,7 +238,7 @@ def worker_loop(config: dict) -> None:
         model = model_lib.build_classifier(spec, job.model, num_classes, size)
     state, best_weights, optimizer_values = _restore(model)
     if rank == 0 and state.epoch:
-        log.info("resuming at epoch %d", state.epoch + 1)
+        console.say(progress, f"resuming at epoch {state.epoch + 1}")
 
     train_shard = ray.train.get_dataset_shard("train")
     train_data = strategy.distribute_datasets_from_function(lambda _: _tf_dataset(train_shard, tcfg.batch_size, size))
@@ -266,9 +265,9 @@ def worker_loop(config: dict) -> None:
             optimizer_values = None  # consumed, or it belonged to the other phase
             step_fn = make_train_step(strategy, model, optimizer, global_batch, tcfg.label_smoothing)
             if rank == 0:
-                log.info("phase %d: %d trainable tensors, %d backbone layers unfrozen; %d replica(s) on %d "
-                         "worker(s), global batch %d", phase, len(model.trainable_variables), unfrozen, replicas,
-                         world, global_batch)
+                console.say(progress, f"phase {phase}: {len(model.trainable_variables)} trainable tensors, {unfrozen} "
+                            f"backbone layers unfrozen; {replicas} replica(s) on {world} worker(s), global batch "
+                            f"{global_batch}")
         phase_first, phase_epochs = (0, tcfg.head_epochs) if phase == 1 else (tcfg.head_epochs, tcfg.finetune_epochs)
         peak = schedule.scaled_lr(tcfg.lr, global_batch) * (1.0 if phase == 1 else tcfg.finetune_lr_factor)
         offset = (epoch - phase_first) * steps
@@ -293,7 +292,7 @@ def worker_loop(config: dict) -> None:
             state.stopped_phase = phase
         if rank == 0:
             run.log_epoch(record)
-            log.info(_epoch_line(record, total_epochs, stopped))
+            console.say(progress, _epoch_line(record, total_epochs, stopped))
         _report({**record, "done": False}, rank, model, [v.numpy() for v in optimizer.variables], best_weights, state)
 
     if best_weights is not None:
@@ -303,8 +302,8 @@ def worker_loop(config: dict) -> None:
         test, cm = evaluate(predict, split_batches("test"), num_classes)
         final.update({f"test_{k}": v for k, v in test.items()})
         run.log_final(model, test, cm, painters, state.history, size)
-        log.info("test: accuracy %.3f, top-3 %.3f, macro-F1 %.3f on %d images", test["accuracy"],
-                 test["top3_accuracy"], test["macro_f1"], test["images"])
+        console.say(progress, f"test: accuracy {test['accuracy']:.3f}, top-3 {test['top3_accuracy']:.3f}, "
+                              f"macro-F1 {test['macro_f1']:.3f} on {test['images']} images")
     # A re-run of a finished job trains no epoch: it keeps the optimizer state it was given.
     values = [v.numpy() for v in optimizer.variables] if optimizer is not None else optimizer_values
     _report(final, rank, model, values, best_weights, state, save_model=True)
@@ -312,18 +311,44 @@ def worker_loop(config: dict) -> None:
 
 # ---------------------------------------------------------------------------------------------- driver
 
+def absolute_paths(job: JobConfig) -> JobConfig:
+    """The job with every local path made absolute (URIs left as they are): Ray workers run in another
+    directory, or on another node, than the driver that read the command line."""
+    from artnet.config import replace
+
+    tracking_uri = job.tracking.tracking_uri
+    if tracking_uri.startswith("sqlite:///"):
+        tracking_uri = "sqlite:///" + storage.absolute(tracking_uri[len("sqlite:///"):])
+    elif tracking_uri and storage.is_local(tracking_uri):
+        tracking_uri = storage.absolute(tracking_uri)
+    weights = job.model.weights if job.model.weights in ("imagenet", "none", "") else storage.absolute(job.model.weights)
+    return replace(job, catalog=storage.absolute(job.catalog), workdir=storage.absolute(job.workdir),
+                   storage_path=storage.absolute(job.storage_path),
+                   model=replace(job.model, weights=weights),
+                   tracking=replace(job.tracking, tracking_uri=tracking_uri,
+                                    artifact_location=storage.absolute(job.tracking.artifact_location)))
+
+
 def resolve(job: JobConfig) -> JobConfig:
-    """Fill in what depends on the backbone, and check what can only be checked against it, before Ray."""
+    """Fill in what depends on the backbone, and check on the driver, before any Ray work, everything that
+    would otherwise fail later inside a worker: paths, the input size, the weights (built once here, so a
+    file that does not fit or ImageNet weights that cannot be downloaded fail now), the checkpoint store."""
     from artnet.config import ConfigError, replace
 
     job.validate()
+    job = absolute_paths(job)
     spec = backbones.get(job.model.backbone)
     size = job.data.image_size or spec.default_size
     if size < spec.min_size:
         raise ConfigError("data.image_size", f"is {size}, below {spec.name}'s minimum {spec.min_size}",
                           f"use {spec.min_size} or more (default {spec.default_size})")
-    if job.model.weights not in ("imagenet", "none", ""):
-        backbones.fetch_weights(job.model.weights, job.model.weights_sha256)  # fails now, not in a worker
+    if job.model.weights not in ("none", ""):
+        import keras
+
+        backbones.build_backbone(spec, job.model, size)
+        keras.backend.clear_session()
+    if job.storage_path:
+        storage.exists(job.storage_path)  # an unreachable or forbidden store fails here, with the fix
     return replace(job, data=replace(job.data, image_size=size))
 
 
@@ -375,15 +400,18 @@ def fit(job: JobConfig) -> dict:
     """Run one training job on the Ray cluster (local unless RAY_ADDRESS says otherwise); returns the final
     metrics, the MLflow run id and where the checkpoints are."""
     import ray
-    from ray.train import DataConfig, ScalingConfig
-    from ray.train.tensorflow import TensorflowTrainer
 
     from artnet import catalog, pipeline, tracking
 
-    job = resolve(job)
+    console.import_tensorflow()
+    from ray.train import DataConfig, ScalingConfig
+    from ray.train.tensorflow import TensorflowTrainer
+
+    job.validate()
     manifest, painters = catalog.load(job.catalog)
     counts = _check_manifest(manifest, painters)
-    ray.init(ignore_reinit_error=True)
+    job = resolve(job)
+    console.init_ray()
     _check_cpu_headroom(job)
     uri = tracking.tracking_uri(job)
     run_id = tracking.start_job_run(job, uri)
@@ -391,24 +419,25 @@ def fit(job: JobConfig) -> dict:
     datasets = {split: pipeline.build_dataset(manifest, split, job.data, train=(split == "train"), bad_images=bad)
                 for split in ("train", "val", "test")}
     scaling = job.scaling
-    trainer = TensorflowTrainer(
-        train_loop_per_worker=worker_loop,
-        train_loop_config={"job": job, "painters": painters, "train_rows": counts["train"], "run_id": run_id,
-                           "tracking_uri": uri},
-        scaling_config=ScalingConfig(
-            num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
-            resources_per_worker={"CPU": scaling.cpus_per_worker,
-                                  **({"GPU": scaling.gpus_per_worker} if scaling.use_gpu else {})}),
-        run_config=_run_config(job),
-        datasets=datasets,
-        # Only train is split across workers; rank 0 evaluates the whole of val and test.
-        dataset_config=DataConfig(datasets_to_split=["train"]),
-    )
-    result = trainer.fit()
+    with console.relay() as progress:
+        trainer = TensorflowTrainer(
+            train_loop_per_worker=worker_loop,
+            train_loop_config={"job": job, "painters": painters, "train_rows": counts["train"], "run_id": run_id,
+                               "tracking_uri": uri, "progress": progress},
+            scaling_config=ScalingConfig(
+                num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
+                resources_per_worker={"CPU": scaling.cpus_per_worker,
+                                      **({"GPU": scaling.gpus_per_worker} if scaling.use_gpu else {})}),
+            run_config=_run_config(job),
+            datasets=datasets,
+            # Only train is split across workers; rank 0 evaluates the whole of val and test.
+            dataset_config=DataConfig(datasets_to_split=["train"]),
+        )
+        result = trainer.fit()
     skipped = ray.get(bad.summary.remote())
     tracking.finish_job_run(uri, run_id, skipped, job.catalog)
     checkpoint = result.checkpoint.path
     if storage.is_s3(job.storage_path):
         checkpoint = f"s3://{checkpoint}"
     return {"metrics": result.metrics, "run_id": run_id, "tracking_uri": uri, "checkpoint": checkpoint,
-            "bad_images": skipped, "painters": painters}
+            "bad_images": skipped, "painters": painters, "model_uri": tracking.model_uri(uri, run_id)}

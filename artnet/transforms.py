@@ -28,8 +28,11 @@ class BadImage(ValueError):
     """An input that is not a usable image. `reason` is a short tag used to count skips."""
 
     def __init__(self, reason: str, detail: str = ""):
-        self.reason = reason
+        self.reason, self.detail = reason, detail
         super().__init__(f"{reason}: {detail}" if detail else reason)
+
+    def __reduce__(self):  # survives Ray's pickling with its reason intact
+        return BadImage, (self.reason, self.detail)
 
 
 def decode(data: bytes, target: int, max_pixels: int) -> Image.Image:

@@ -1,0 +1,145 @@
+"""What a person sees while a job runs: artnet's own lines (per-epoch progress, results) on the console; Ray's,
+TensorFlow's and MLflow's internals in their log files, unless `--verbose`.
+
+Ray streams every worker's output to the driver by default, which buries the few lines a person wants under
+execution plans, checkpoint reports and TensorFlow's start-up chatter. So the driver starts Ray with
+`log_to_driver` off (the worker logs stay in Ray's session directory) and rank 0 sends its lines through a
+small `Progress` actor that the driver prints from. That path also works under `ray job submit`, where the
+driver's stdout is the job log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import tempfile
+import threading
+
+log = logging.getLogger("artnet")
+
+# Libraries whose INFO lines are internals, not results.
+QUIET_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "mlflow", "alembic", "absl", "tensorflow", "h5py",
+                 "botocore", "urllib3")
+
+_verbose = False
+
+
+def setup(verbose: bool = False) -> None:
+    """Console logging for a CLI process: artnet's INFO lines as plain text, everyone else's from WARNING up."""
+    global _verbose
+    _verbose = verbose
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if verbose else "2")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "INFO" if verbose else "WARNING")  # read when mlflow is imported
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
+
+
+def is_verbose() -> bool:
+    return _verbose
+
+
+@contextlib.contextmanager
+def _stderr_to_file(path: str):
+    """Send file descriptor 2 to `path` for a while: TensorFlow's C++ start-up lines bypass Python logging."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(target, 2)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(target)
+
+
+def import_tensorflow():
+    """`import tensorflow`, with its C++ start-up lines (CUDA probing, oneDNN notes) written to a log file
+    instead of the console unless verbose. Errors still surface: the descriptor is restored before they do."""
+    if _verbose or "tensorflow" in sys.modules:
+        import tensorflow as tf
+
+        return tf
+    with _stderr_to_file(os.path.join(tempfile.gettempdir(), "artnet-tensorflow.log")):
+        import tensorflow as tf
+
+        tf.config.list_physical_devices("GPU")  # the CUDA probe logs once, here
+    return tf
+
+
+def init_ray() -> None:
+    """Connect to Ray (RAY_ADDRESS, or a local instance) with worker output kept in Ray's log files unless
+    verbose."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(log_to_driver=_verbose, logging_level=logging.INFO if _verbose else logging.WARNING)
+    import ray.data
+
+    ray.data.DataContext.get_current().print_on_execution_start = _verbose
+    logging.getLogger("ray.data").setLevel(logging.INFO if _verbose else logging.WARNING)
+
+
+def _progress_actor():
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class Progress:
+        """Lines from rank 0, held until the driver collects them."""
+
+        def __init__(self):
+            self.lines: list[str] = []
+
+        def say(self, line: str) -> None:
+            self.lines.append(line)
+
+        def drain(self) -> list[str]:
+            lines, self.lines = self.lines, []
+            return lines
+
+    return Progress.remote()
+
+
+@contextlib.contextmanager
+def relay(poll_seconds: float = 0.5):
+    """A `Progress` actor whose lines the driver prints as they come, for as long as the block runs.
+    Yields the actor handle to pass to workers."""
+    import ray
+
+    actor = _progress_actor()
+    done = threading.Event()
+
+    def pump():
+        while True:
+            finished = done.wait(poll_seconds)
+            try:
+                for line in ray.get(actor.drain.remote()):
+                    print(line, flush=True)
+            except Exception:  # the cluster is going away: nothing more to print
+                return
+            if finished:
+                return
+
+    thread = threading.Thread(target=pump, name="artnet-progress", daemon=True)
+    thread.start()
+    try:
+        yield actor
+    finally:
+        done.set()
+        thread.join(timeout=30)
+        ray.kill(actor)
+
+
+def say(progress, line: str) -> None:
+    """On a worker: the line into the worker's log, and to the driver's console through `progress`."""
+    logging.getLogger("artnet.train").info(line)
+    if progress is not None:
+        progress.say.remote(line)

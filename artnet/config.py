@@ -180,6 +180,9 @@ class ScalingConfig:
             raise ConfigError("scaling.num_workers", f"is {self.num_workers}", "use 1 or more workers")
         if self.use_gpu and self.gpus_per_worker < 1:
             raise ConfigError("scaling.gpus_per_worker", f"is {self.gpus_per_worker}", "use 1 or more with use_gpu")
+        if not self.use_gpu and self.gpus_per_worker != 1:
+            raise ConfigError("scaling.gpus_per_worker", f"is {self.gpus_per_worker} but scaling.use_gpu is off",
+                              "add --use-gpu, or leave gpus_per_worker at 1")
         if self.cpus_per_worker < 1:
             raise ConfigError("scaling.cpus_per_worker", f"is {self.cpus_per_worker}", "use 1 or more")
 

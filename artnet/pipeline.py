@@ -151,6 +151,20 @@ def load_images(batch: pa.Table, *, cfg: PipelineConfig, train: bool, settings: 
     }
 
 
+def configure_data_context() -> None:
+    """Ray Data settings artnet's datasets run with (read when a dataset executes, from the context captured
+    when it is built).
+
+    Ray Data reserves half of the cluster's CPUs per operator by default; with one heavy operator (decode)
+    that idles half of them (measured: 2 CPUs ran one decode task at a time). And it wraps an exception raised
+    in a map function in a `UserCodeException` that loses the original on its way to the driver; raising the
+    original keeps a user error (a `UserError` with its fix) intact.
+    """
+    ctx = ray.data.DataContext.get_current()
+    ctx.op_resource_reservation_enabled = False
+    ctx.raise_original_map_exception = True
+
+
 def build_dataset(manifest: pa.Table, split: str, cfg: PipelineConfig, *, train: bool,
                   bad_images=None, settings: storage.S3Settings | None = None) -> ray.data.Dataset:
     """A lazy, streaming dataset of one split. With `train`, rows are reshuffled on every pass (epoch) and
@@ -162,10 +176,7 @@ def build_dataset(manifest: pa.Table, split: str, cfg: PipelineConfig, *, train:
     rows = manifest.filter(pc.equal(manifest["split"], split))
     if rows.num_rows == 0:
         raise ValueError(f"the manifest has no '{split}' images")
-    # Ray Data reserves half of the cluster's CPUs per operator by default; with one heavy operator (decode)
-    # that idles half of them (measured: 2 CPUs ran one decode task at a time). The setting is read when
-    # the dataset executes, from the context captured here.
-    ray.data.DataContext.get_current().op_resource_reservation_enabled = False
+    configure_data_context()
     # Many small blocks, so decoding fans out over all CPU workers instead of one task per split.
     step = cfg.decode_batch
     ds = ray.data.from_arrow([rows.slice(i, step) for i in range(0, rows.num_rows, step)])

@@ -9,14 +9,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from artnet import cli, demo_data, storage
+from artnet import cli, demo_data
 from artnet.config import ConfigError
 from artnet.errors import UserError, find_user_error
 from artnet.transforms import BadImage
-from conftest import PAINTINGS, WEIGHTS, requires_paintings, requires_weights
 
 
 @pytest.mark.parametrize("error", [ConfigError("train.lr", "is 5", "use 1e-3"),
@@ -27,12 +25,15 @@ def test_project_exceptions_survive_pickling(error):
     assert type(copy) is type(error) and str(copy) == str(error) and copy.__dict__ == error.__dict__
 
 
-def _raise_config_error(batch):
-    raise ConfigError("data.augment.zoom", "is 2", "keep the zoom range below 1")
-
-
 def test_user_error_from_a_ray_data_task_is_found_intact(ray_local):
-    ds = ray_local.data.range(4).map_batches(_raise_config_error)
+    from artnet import pipeline
+
+    pipeline.configure_data_context()  # as every artnet dataset runs
+
+    def raise_config_error(batch):  # nested, so Ray ships it by value (the test module is not importable there)
+        raise ConfigError("data.augment.zoom", "is 2", "keep the zoom range below 1")
+
+    ds = ray_local.data.range(4).map_batches(raise_config_error)
     with pytest.raises(Exception) as caught:
         ds.take_all()
     found = find_user_error(caught.value)
@@ -40,19 +41,15 @@ def test_user_error_from_a_ray_data_task_is_found_intact(ray_local):
     assert str(found) == "config field 'data.augment.zoom': is 2. Fix: keep the zoom range below 1"
 
 
-def _worker_raises(config):
-    import ray.train
-
-    if ray.train.get_context().get_world_rank() == 0:
-        raise UserError(config["uri"], "access denied", "check the credentials")
-
-
 @pytest.mark.slow
 def test_user_error_from_a_ray_train_worker_is_found_intact(ray_local, tmp_path):
     from ray.train import RunConfig, ScalingConfig
     from ray.train.tensorflow import TensorflowTrainer
 
-    trainer = TensorflowTrainer(_worker_raises, train_loop_config={"uri": "s3://b/k"},
+    def worker_raises(config):
+        raise UserError(config["uri"], "access denied", "check the credentials")
+
+    trainer = TensorflowTrainer(worker_raises, train_loop_config={"uri": "s3://b/k"},
                                 scaling_config=ScalingConfig(num_workers=1),
                                 run_config=RunConfig(name="raises", storage_path=str(tmp_path)))
     with pytest.raises(Exception) as caught:
@@ -194,3 +191,12 @@ def test_job_paths_are_made_absolute_on_the_driver(tmp_path, monkeypatch):
     out = train.absolute_paths(remote)
     assert (out.catalog, out.storage_path, out.model.weights, out.tracking.tracking_uri) == (
         "s3://b/cat", "s3://b/runs", "imagenet", "http://mlflow:5000")
+
+
+@pytest.mark.parametrize("setting,field", [
+    ("model.alpha=0.5", "model.alpha"),  # InceptionV3 has no width multiplier
+    ("scaling.gpus_per_worker=4", "scaling.gpus_per_worker"),  # without --use-gpu
+    ("train.max_steps_per_epoch=10", "train.max_steps_per_epoch"),  # removed: it was never read
+])
+def test_settings_that_would_do_nothing_are_refused(one_line_error, setting, field):
+    assert f"'{field}'" in one_line_error("train", "catalog", "--set", setting)

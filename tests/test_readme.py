@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from conftest import PAINTINGS, REPO, SHARED, requires_paintings, requires_weights
+from conftest import REPO, SHARED, requires_paintings, requires_weights
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 

@@ -10,8 +10,9 @@ import os
 import sys
 import time
 
-from artnet import catalog, console, demo_data, storage
+from artnet import console
 from artnet.config import AugmentConfig, CatalogConfig, ConfigError, JobConfig, PipelineConfig, override, replace
+from artnet.data import catalog, demo_data, storage
 from artnet.errors import UserError, find_user_error
 
 
@@ -96,7 +97,7 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
 
 
 def job_config(args: argparse.Namespace) -> JobConfig:
-    """Preset, then YAML, then flags, then --set: later wins. Validated here; `train.fit` checks what needs
+    """Preset, then YAML, then flags, then --set: later wins. Validated here; `trainer.fit` checks what needs
     the backbone or storage, still before any Ray work."""
     from artnet import presets
 
@@ -132,7 +133,8 @@ def preview(manifest_dir: str, cfg: PipelineConfig, batches: int, grid_png: str 
     """Stream a few augmented training batches through Ray Data and report shapes, speed and skipped images."""
     import ray
 
-    from artnet import pipeline, plots
+    from artnet.data import pipeline
+    from artnet.track import plots
 
     manifest, painters = catalog.load(manifest_dir)
     console.init_ray()
@@ -163,7 +165,8 @@ def demo(workdir: str, data: str | None = None, weights: str | None = None) -> d
     """Catalogue -> a preview of augmented batches -> training -> a few test paintings named, all local: on real
     paintings (3 painters, MobileNetV2 ImageNet weights) when `data` and `weights` are given, else on a
     synthetic stand-in."""
-    from artnet import presets, train
+    from artnet import presets
+    from artnet.train import trainer
 
     out = storage.join(workdir, "catalog")
     if data and weights:
@@ -181,7 +184,7 @@ def demo(workdir: str, data: str | None = None, weights: str | None = None) -> d
             grid_png=storage.join(workdir, "augmented_samples.png"))
     # A fresh job name each time: the same name would resume the finished demo instead of training again.
     job = override(job, {"catalog": out, "workdir": workdir, "name": f"demo-{time.strftime('%Y%m%d-%H%M%S')}"})
-    result = train.fit(job)
+    result = trainer.fit(job)
     print_result(result)
     show_predictions(result, job, per_painter=2)
     return result
@@ -189,7 +192,7 @@ def demo(workdir: str, data: str | None = None, weights: str | None = None) -> d
 
 def show_predictions(result: dict, job: JobConfig, per_painter: int) -> list[dict]:
     """Name the painter of a few test paintings with the model the job logged to MLflow."""
-    from artnet import predict
+    from artnet.serve import predict
 
     manifest, painters = catalog.load(job.catalog)
     test = sorted((row for row in manifest.to_pylist() if row["split"] == "test" and row["row"] < 0),
@@ -261,9 +264,9 @@ def run(args: argparse.Namespace) -> None:
         cfg.validate()
         preview(args.manifest_dir, cfg, args.batches, args.png)
     elif args.command == "train":
-        from artnet import train
+        from artnet.train import trainer
 
-        print_result(train.fit(job_config(args)))
+        print_result(trainer.fit(job_config(args)))
     elif args.command == "demo":
         demo(args.workdir, args.data, args.weights)
 

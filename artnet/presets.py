@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from artnet.config import ConfigError, JobConfig, override
-from artnet.model import STUDY_HEAD
+from artnet.model.classifier import STUDY_HEAD
 
 PRESETS: dict[str, dict[str, str]] = {
     # The production default: InceptionV3 at 299 px, a two-layer head, top two Inception blocks fine-tuned.

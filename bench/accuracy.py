@@ -16,9 +16,11 @@ import os
 import time
 from pathlib import Path
 
-from artnet import catalog, presets, train
+from artnet import presets
 from artnet.cli import parse_assignments, run_catalog
 from artnet.config import CatalogConfig, override
+from artnet.data import catalog
+from artnet.train import trainer
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("ARTNET_SHARED", REPO.parent / "shared"))
@@ -42,7 +44,7 @@ def main() -> None:
         "model.weights": str(SHARED / "weights" / "mobilenet_v2_1.0_224_imagenet1001.weights.h5"),
         **parse_assignments(args.set)})
     start = time.time()
-    result = train.fit(job)
+    result = trainer.fit(job)
     metrics = result["metrics"]
     _, painters = catalog.load(cat_dir)
     import mlflow

@@ -49,8 +49,8 @@ def run_ray(paths: list[str], cpus: int, size: int) -> float:
     import pyarrow as pa
     import ray
 
-    from artnet import pipeline
     from artnet.config import PipelineConfig
+    from artnet.data import pipeline
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)

@@ -24,8 +24,9 @@ RESULTS = REPO / "bench" / "results" / "train_throughput.json"
 
 
 def one_run(catalog_dir: str, workdir: str, workers: int, size: int) -> dict:
-    from artnet import presets, train
+    from artnet import presets
     from artnet.config import override
+    from artnet.train import trainer
 
     job = override(presets.preset("mobilenet"), {
         "catalog": catalog_dir, "workdir": workdir, "name": f"throughput-{workers}w-{int(time.time())}", "data.image_size": str(size),
@@ -37,7 +38,7 @@ def one_run(catalog_dir: str, workdir: str, workers: int, size: int) -> dict:
 
     # Logical CPUs beyond the cores: each training worker holds one, and Ray Data's decode tasks need their own.
     ray.init(num_cpus=workers + 2)
-    result = train.fit(job)
+    result = trainer.fit(job)
     history = mlflow.MlflowClient(result["tracking_uri"]).get_metric_history(result["run_id"], "images_per_s")
     warm = sorted(history, key=lambda m: m.step)[-1].value
     return {"workers": workers, "images_per_s": round(warm, 1), "images_per_s_per_replica": round(warm / workers, 1)}
@@ -54,8 +55,8 @@ def main() -> None:
     if args.worker:
         print(json.dumps(one_run(args.catalog, args.workdir, args.worker, args.image_size)))
         return
-    from artnet import catalog
     from artnet.config import CatalogConfig
+    from artnet.data import catalog
 
     cat = catalog.build(CatalogConfig(source=str(SHARED / "data" / "paintings"), top_k=3, split=(0.8, 0.1, 0.1)))
     train_rows = [i for i, s in enumerate(cat.manifest["split"].to_pylist()) if s == "train"][: args.images]

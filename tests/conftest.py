@@ -112,7 +112,7 @@ def s3_endpoint():
 
 @pytest.fixture(scope="session")
 def s3_bucket(s3_endpoint):
-    from artnet import storage
+    from artnet.data import storage
 
     client = storage.boto3_client()
     client.create_bucket(Bucket="paintings")

@@ -5,8 +5,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from artnet import catalog, cli, storage
+from artnet import cli
 from artnet.config import CatalogConfig, ConfigError
+from artnet.data import catalog, storage
 from conftest import PAINTINGS, jpeg_bytes, painting, requires_paintings, write_folder_set
 
 PAINTERS = {"Claude_Monet": 12, "Edgar_Degas": 8, "Paul_Klee": 3}

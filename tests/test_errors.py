@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from artnet import cli, demo_data
+from artnet import cli
 from artnet.config import ConfigError
+from artnet.data import demo_data
+from artnet.data.transforms import BadImage
 from artnet.errors import UserError, find_user_error
-from artnet.transforms import BadImage
 
 
 @pytest.mark.parametrize("error", [ConfigError("train.lr", "is 5", "use 1e-3"),
@@ -26,7 +27,7 @@ def test_project_exceptions_survive_pickling(error):
 
 
 def test_user_error_from_a_ray_data_task_is_found_intact(ray_local):
-    from artnet import pipeline
+    from artnet.data import pipeline
 
     pipeline.configure_data_context()  # as every artnet dataset runs
 
@@ -174,21 +175,22 @@ def test_debug_shows_the_traceback(tmp_path):
 
 
 def test_job_paths_are_made_absolute_on_the_driver(tmp_path, monkeypatch):
-    from artnet import presets, train
+    from artnet import presets
     from artnet.config import override
+    from artnet.train import trainer
 
     monkeypatch.chdir(tmp_path)
     job = override(presets.preset("demo"), {
         "catalog": "cat", "workdir": "w", "storage_path": "runs", "model.weights": "weights/tiny.h5",
         "tracking.tracking_uri": "sqlite:///w/mlflow.db", "tracking.artifact_location": "art"})
-    out = train.absolute_paths(job)
+    out = trainer.absolute_paths(job)
     assert out.catalog == str(tmp_path / "cat") and out.workdir == str(tmp_path / "w")
     assert out.storage_path == str(tmp_path / "runs") and out.model.weights == str(tmp_path / "weights/tiny.h5")
     assert out.tracking.tracking_uri == f"sqlite:///{tmp_path}/w/mlflow.db"
     assert out.tracking.artifact_location == str(tmp_path / "art")
     remote = override(job, {"catalog": "s3://b/cat", "storage_path": "s3://b/runs", "model.weights": "imagenet",
                             "tracking.tracking_uri": "http://mlflow:5000"})
-    out = train.absolute_paths(remote)
+    out = trainer.absolute_paths(remote)
     assert (out.catalog, out.storage_path, out.model.weights, out.tracking.tracking_uri) == (
         "s3://b/cat", "s3://b/runs", "imagenet", "http://mlflow:5000")
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from artnet import demo_data
+from artnet.data import demo_data
 from conftest import REPO
 
 pytestmark = pytest.mark.cluster

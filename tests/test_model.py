@@ -3,9 +3,11 @@ import hashlib
 import numpy as np
 import pytest
 
-from artnet import backbones, metrics, schedule
+from artnet import metrics
 from artnet.config import ConfigError, JobConfig, ModelConfig, flatten, override
-from artnet.model import STUDY_HEAD, build_classifier, head_widths, set_trainable_blocks
+from artnet.model import backbones
+from artnet.model.classifier import STUDY_HEAD, build_classifier, head_widths, set_trainable_blocks
+from artnet.train import schedule
 from conftest import WEIGHTS, requires_weights
 
 MOBILENET_V2_FILE = WEIGHTS / "mobilenet_v2_1.0_224_imagenet1001.weights.h5"
@@ -78,7 +80,7 @@ def test_weights_file_with_top_gives_the_features_keras_gives():
 
 @requires_weights
 def test_weights_from_s3_are_cached_and_checksum_verified(s3_bucket, tmp_path, monkeypatch):
-    from artnet import storage
+    from artnet.data import storage
 
     monkeypatch.setenv("ARTNET_CACHE", str(tmp_path / "cache"))
     data = (WEIGHTS / "mobilenet_0.25_224_no_top.h5").read_bytes()

@@ -5,8 +5,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from artnet import catalog, pipeline, storage
 from artnet.config import CatalogConfig, PipelineConfig
+from artnet.data import catalog, pipeline, storage
 from conftest import PAINTINGS, bad_files, odd_but_good_files, requires_paintings, write_folder_set
 
 PAINTERS = {"Claude_Monet": 14, "Edgar_Degas": 10}

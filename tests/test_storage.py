@@ -1,6 +1,6 @@
 import pytest
 
-from artnet import storage
+from artnet.data import storage
 
 
 def test_s3_settings_follow_aws_environment(monkeypatch):

@@ -12,8 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from artnet import catalog, cli, demo_data, presets, train
+from artnet import cli, presets
 from artnet.config import CatalogConfig, override
+from artnet.data import catalog, demo_data
+from artnet.train import trainer
 from conftest import REPO, bad_files
 
 pytestmark = pytest.mark.slow
@@ -61,7 +63,7 @@ def test_one_worker_trains_and_mlflow_holds_everything(small_catalog, tmp_path, 
     import keras
     import mlflow
 
-    result = train.fit(job_for(small_catalog, tmp_path, "one"))
+    result = trainer.fit(job_for(small_catalog, tmp_path, "one"))
     client = mlflow_client(result)
     run = client.get_run(result["run_id"])
     assert run.info.status == "FINISHED"
@@ -86,7 +88,7 @@ def test_one_worker_trains_and_mlflow_holds_everything(small_catalog, tmp_path, 
 
 
 def test_two_workers_multi_worker_strategy_trains(small_catalog, tmp_path, ray_local):
-    result = train.fit(job_for(small_catalog, tmp_path, "two", scaling__num_workers=2))
+    result = trainer.fit(job_for(small_catalog, tmp_path, "two", scaling__num_workers=2))
     client = mlflow_client(result)
     losses = [m.value for m in sorted(client.get_metric_history(result["run_id"], "train_loss"), key=lambda m: m.step)]
     assert len(losses) == 3 and losses[-1] < losses[0]
@@ -122,10 +124,10 @@ def test_restart_and_rerun_resume_from_checkpoint(small_catalog, tmp_path, ray_l
 
     killer = threading.Thread(target=kill_after_second_checkpoint, daemon=True)
     killer.start()
-    result = train.fit(job)
+    result = trainer.fit(job)
     killer.join(timeout=5)
     assert killed, "a training worker was killed mid-run"
-    state = json.loads(Path(result["checkpoint"], train.CHECKPOINT_STATE).read_text())
+    state = json.loads(Path(result["checkpoint"], trainer.CHECKPOINT_STATE).read_text())
     assert [h["epoch"] for h in state["history"]] == [1, 2, 3, 4], "each epoch ran once across the restart"
     with np.load(Path(result["checkpoint"], "optimizer.npz")) as opt:
         iterations = int(opt["arr_0"])
@@ -136,12 +138,12 @@ def test_restart_and_rerun_resume_from_checkpoint(small_catalog, tmp_path, ray_l
 
     # Re-running the same job name with one more epoch resumes at epoch 5 instead of starting over.
     longer = override(job, {"train.finetune_epochs": "4", "max_failures": "0"})
-    again = train.fit(longer)
-    state = json.loads(Path(again["checkpoint"], train.CHECKPOINT_STATE).read_text())
+    again = trainer.fit(longer)
+    state = json.loads(Path(again["checkpoint"], trainer.CHECKPOINT_STATE).read_text())
     assert [h["epoch"] for h in state["history"]] == [1, 2, 3, 4, 5]
     # Re-running a finished job trains nothing more and keeps its state.
-    done = train.fit(longer)
-    state = json.loads(Path(done["checkpoint"], train.CHECKPOINT_STATE).read_text())
+    done = trainer.fit(longer)
+    state = json.loads(Path(done["checkpoint"], trainer.CHECKPOINT_STATE).read_text())
     assert [h["epoch"] for h in state["history"]] == [1, 2, 3, 4, 5]
     assert Path(done["checkpoint"], "optimizer.npz").exists()
 
@@ -161,7 +163,7 @@ def test_workers_that_take_every_cpu_are_refused_before_training(small_catalog, 
 
     cpus = int(ray_local.cluster_resources()["CPU"])
     with pytest.raises(ConfigError) as err:
-        train.fit(job_for(small_catalog, tmp_path, "greedy", scaling__num_workers=cpus))
+        trainer.fit(job_for(small_catalog, tmp_path, "greedy", scaling__num_workers=cpus))
     assert err.value.field == "scaling.num_workers" and "decoding" in str(err.value)
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "ray_results").exists()
 
@@ -182,7 +184,7 @@ def test_everything_on_s3(small_catalog, tmp_path, s3_bucket, ray_local):
     """Catalog, checkpoints and MLflow artifacts all in object storage (the moto S3 server on loopback)."""
     import mlflow
 
-    from artnet import storage
+    from artnet.data import storage
 
     remote_catalog = f"s3://{s3_bucket}/e2e/catalog"
     for name in (catalog.MANIFEST, catalog.LABELS):
@@ -190,7 +192,7 @@ def test_everything_on_s3(small_catalog, tmp_path, s3_bucket, ray_local):
     job = job_for(remote_catalog, tmp_path, "s3job", train__head_epochs=1, train__finetune_epochs=1,
                   storage_path=f"s3://{s3_bucket}/e2e/ray_results",
                   tracking__artifact_location=f"s3://{s3_bucket}/e2e/mlflow")
-    result = train.fit(job)
+    result = trainer.fit(job)
     assert result["checkpoint"].startswith(f"s3://{s3_bucket}/e2e/ray_results/s3job/checkpoint_")
     assert storage.exists(f"{result['checkpoint']}/model.keras")
     run = mlflow_client(result).get_run(result["run_id"])

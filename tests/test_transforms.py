@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from artnet import transforms
 from artnet.config import AugmentConfig, ConfigError, PipelineConfig
+from artnet.data import transforms
 from conftest import bad_files, jpeg_bytes, odd_but_good_files, painting, png_bytes
 
 AUG = AugmentConfig()

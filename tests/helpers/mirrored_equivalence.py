@@ -13,9 +13,10 @@ tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfigur
 
 import keras  # noqa: E402
 
-from artnet import backbones, train  # noqa: E402
 from artnet.config import ModelConfig  # noqa: E402
-from artnet.model import build_classifier, set_trainable_blocks  # noqa: E402
+from artnet.model import backbones  # noqa: E402
+from artnet.model.classifier import build_classifier, set_trainable_blocks  # noqa: E402
+from artnet.train import trainer  # noqa: E402
 
 PER_REPLICA, STEPS, SIZE, CLASSES = 4, 3, 32, 3
 policy = sys.argv[1] if len(sys.argv) > 1 else "float32"
@@ -31,9 +32,9 @@ def run(strategy, batch):
     with strategy.scope():
         model = build_classifier(spec, ModelConfig(backbone="tiny", weights="none", dropout=0.0), CLASSES, SIZE)
     set_trainable_blocks(model, spec, 2)
-    optimizer = train.make_optimizer(strategy, model, policy)
+    optimizer = trainer.make_optimizer(strategy, model, policy)
     optimizer.learning_rate.assign(0.01)
-    step = train.make_train_step(strategy, model, optimizer, global_batch=PER_REPLICA * 2)
+    step = trainer.make_train_step(strategy, model, optimizer, global_batch=PER_REPLICA * 2)
     data = strategy.distribute_datasets_from_function(
         lambda _: tf.data.Dataset.from_tensor_slices((images, labels)).batch(batch))
     losses = [float(step(x, y)[0]) for x, y in data]

@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from artnet import storage  # noqa: E402
+from artnet.data import storage  # noqa: E402
 
 
 def _save(fig, uri: str) -> None:

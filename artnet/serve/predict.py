@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from artnet import console, storage, transforms
+from artnet import console, metrics
 from artnet.config import PipelineConfig
+from artnet.data import storage, transforms
 
 
 def load_model(model_uri: str, tracking_uri: str | None = None):
@@ -21,12 +22,6 @@ def load_model(model_uri: str, tracking_uri: str | None = None):
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
     return mlflow.keras.load_model(model_uri)
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    e = np.exp(shifted)
-    return e / e.sum(axis=-1, keepdims=True)
 
 
 def top_k(probabilities: np.ndarray, painters: list[str], k: int) -> list[list[tuple[str, float]]]:
@@ -46,7 +41,7 @@ def predict_uris(model, uris: list[str], painters: list[str], cfg: PipelineConfi
         except (transforms.BadImage, OSError) as e:
             rows.append({"uri": uri, "error": str(e)})
     if images:
-        probabilities = softmax(np.asarray(model.predict(np.stack(images).astype(np.float32), verbose=0), np.float64))
+        probabilities = metrics.softmax(np.asarray(model.predict(np.stack(images).astype(np.float32), verbose=0), np.float64))
         ranked = iter(top_k(probabilities, painters, k))
         for row in rows:
             if "error" not in row:

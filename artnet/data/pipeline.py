@@ -21,8 +21,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
-from artnet import storage, transforms
 from artnet.config import ConfigError, PipelineConfig
+from artnet.data import storage, transforms
 
 log = logging.getLogger(__name__)
 
@@ -169,25 +169,33 @@ def build_dataset(manifest: pa.Table, split: str, cfg: PipelineConfig, *, train:
                   bad_images=None, settings: storage.S3Settings | None = None) -> ray.data.Dataset:
     """A lazy, streaming dataset of one split. With `train`, rows are reshuffled on every pass (epoch) and
     augmented; otherwise images are centre-cropped in manifest order."""
+    rows = manifest.filter(pc.equal(manifest["split"], split))
+    if rows.num_rows == 0:
+        raise ValueError(f"the manifest has no '{split}' images")
+    return decode_rows(rows, cfg, augment=train, shuffle=train and cfg.shuffle, bad_images=bad_images,
+                       settings=settings)
+
+
+def decode_rows(rows: pa.Table, cfg: PipelineConfig, *, augment: bool, shuffle: bool = False, bad_images=None,
+                settings: storage.S3Settings | None = None) -> ray.data.Dataset:
+    """Manifest rows (key, uri, row, label) -> {"image", "label", "key"} through CPU decode tasks; with
+    `augment` each image gets the training augmentations (random per `key`, or per pass without a seed)."""
     cfg.validate()
     if not cfg.image_size:
         raise ConfigError("data.image_size", "is 0 (backbone default) but no backbone resolved it",
                           "set an explicit size, or build datasets through artnet.train")
-    rows = manifest.filter(pc.equal(manifest["split"], split))
-    if rows.num_rows == 0:
-        raise ValueError(f"the manifest has no '{split}' images")
     configure_data_context()
     # Many small blocks, so decoding fans out over all CPU workers instead of one task per split.
     step = cfg.decode_batch
     ds = ray.data.from_arrow([rows.slice(i, step) for i in range(0, rows.num_rows, step)])
-    if train and cfg.shuffle:
+    if shuffle:
         ds = ds.random_shuffle(seed=cfg.seed)
     return ds.map_batches(
         load_images,
         batch_size=cfg.decode_batch,
         batch_format="pyarrow",
         num_cpus=1,
-        fn_kwargs={"cfg": cfg, "train": train, "settings": settings or storage.S3Settings.from_env(),
+        fn_kwargs={"cfg": cfg, "train": augment, "settings": settings or storage.S3Settings.from_env(),
                    "bad_images": bad_images},
     )
 

@@ -19,8 +19,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from artnet import backbones, console, metrics, schedule, storage
+from artnet import console, metrics
 from artnet.config import JobConfig
+from artnet.data import storage
+from artnet.model import backbones
+from artnet.train import schedule
 
 CHECKPOINT_STATE = "state.json"
 
@@ -216,8 +219,8 @@ def worker_loop(config: dict) -> None:
     import ray.train
     import tensorflow as tf
 
-    from artnet import model as model_lib
-    from artnet import tracking
+    from artnet.model import classifier
+    from artnet.track import tracking
 
     strategy = tf.distribute.MultiWorkerMirroredStrategy()  # before touching any dataset shard
     job: JobConfig = config["job"]
@@ -235,7 +238,7 @@ def worker_loop(config: dict) -> None:
                                             tcfg.batch_size * len(strategy.extended.worker_devices)))
     spec = backbones.get(job.model.backbone)
     with strategy.scope():
-        model = model_lib.build_classifier(spec, job.model, num_classes, size)
+        model = classifier.build_classifier(spec, job.model, num_classes, size)
     state, best_weights, optimizer_values = _restore(model)
     if rank == 0 and state.epoch:
         console.say(progress, f"resuming at epoch {state.epoch + 1}")
@@ -257,7 +260,7 @@ def worker_loop(config: dict) -> None:
             continue
         if schedule.phase_of(epoch, tcfg.head_epochs) != phase:
             phase = schedule.phase_of(epoch, tcfg.head_epochs)
-            unfrozen = model_lib.set_trainable_blocks(model, spec, tcfg.unfreeze_blocks if phase == 2 else 0)
+            unfrozen = classifier.set_trainable_blocks(model, spec, tcfg.unfreeze_blocks if phase == 2 else 0)
             optimizer = make_optimizer(strategy, model, policy)
             if optimizer_values is not None and state.history and state.history[-1]["phase"] == phase:
                 for variable, value in zip(optimizer.variables, optimizer_values):  # resuming inside a phase
@@ -401,7 +404,8 @@ def fit(job: JobConfig) -> dict:
     metrics, the MLflow run id and where the checkpoints are."""
     import ray
 
-    from artnet import catalog, pipeline, tracking
+    from artnet.data import catalog, pipeline
+    from artnet.track import tracking
 
     console.import_tensorflow()
     from ray.train import DataConfig, ScalingConfig

@@ -10,7 +10,7 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from artnet import storage
+from artnet.data import storage
 
 ADJECTIVES = ("Bold", "Quiet", "Restless", "Patient", "Wild", "Gentle", "Stern", "Bright", "Misty", "Brisk")
 NOUNS = ("Dabber", "Swirler", "Hatcher", "Stippler", "Glazer", "Scumbler", "Blender", "Etcher")

@@ -10,8 +10,8 @@ import re
 from dataclasses import dataclass
 from typing import Callable
 
-from artnet import storage
 from artnet.config import ConfigError, ModelConfig
+from artnet.data import storage
 
 
 @dataclass(frozen=True)

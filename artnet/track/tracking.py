@@ -14,8 +14,8 @@ import time
 
 import numpy as np
 
-from artnet import plots
 from artnet.config import JobConfig, flatten
+from artnet.track import plots
 
 JOB_TAG = "artnet.job"
 MODEL_URI_TAG = "artnet.model_uri"
@@ -64,7 +64,7 @@ def finish_job_run(uri: str, run_id: str, bad_images: dict, catalog_dir: str) ->
     it trained on, and the run marked finished."""
     import mlflow
 
-    from artnet import catalog, storage
+    from artnet.data import catalog, storage
 
     client = mlflow.MlflowClient(uri)
     client.log_metric(run_id, "bad_images_skipped", bad_images["total"])

@@ -3,8 +3,8 @@ float32 logits. Freezing helpers unfreeze exactly the top N backbone blocks."""
 
 from __future__ import annotations
 
-from artnet.backbones import BackboneSpec, build_backbone, trainable_mask
 from artnet.config import ModelConfig
+from artnet.model.backbones import BackboneSpec, build_backbone, trainable_mask
 
 
 def head_widths(depth: int, width: int, halving: bool) -> list[int]:

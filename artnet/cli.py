@@ -96,6 +96,26 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-failures", type=int)
 
 
+SEARCH_FLAGS = {"samples": "search.samples", "painter_counts": "search.painter_counts",
+                "algorithm": "search.algorithm", "metric": "search.metric", "search_epochs": "search.epochs",
+                "views": "search.views", "cache": "search.cache", "finetune": "search.finetune"}
+
+
+def add_search_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--painter-counts", help="comma-separated: search at each top-K painter count, e.g. 3,5,10,27,47")
+    p.add_argument("--samples", type=int, help="trials per painter count")
+    p.add_argument("--algorithm", help="random (default) or optuna")
+    p.add_argument("--metric", help="validation metric that chooses the config (default val_loss)")
+    p.add_argument("--search-epochs", type=int, help="head epochs a trial may run")
+    p.add_argument("--views", type=int, help="augmented views per training image in the feature cache")
+    p.add_argument("--cache", help="feature cache: a path or s3:// prefix (default WORKDIR/embeddings)")
+    p.add_argument("--no-finetune", dest="finetune", action="store_const", const=False,
+                   help="stop after the head search (no end-to-end fine-tuning of the best head)")
+    p.add_argument("--space", action="append", default=[], metavar="FIELD=DIST:ARGS",
+                   help="a search dimension, e.g. model.dropout=uniform:0.1,0.6 (default: artnet's head space)")
+    p.add_argument("--space-file", help="YAML of FIELD: DIST:ARGS entries")
+
+
 def job_config(args: argparse.Namespace) -> JobConfig:
     """Preset, then YAML, then flags, then --set: later wins. Validated here; `trainer.fit` checks what needs
     the backbone or storage, still before any Ray work."""
@@ -104,7 +124,8 @@ def job_config(args: argparse.Namespace) -> JobConfig:
     job = presets.preset(args.preset)
     if args.config:
         job = override(job, _yaml_overrides(args.config))
-    flags = {TRAIN_FLAGS[k]: str(v) for k, v in vars(args).items() if k in TRAIN_FLAGS and v is not None}
+    names = {**TRAIN_FLAGS, **SEARCH_FLAGS}
+    flags = {names[k]: str(v) for k, v in vars(args).items() if k in names and v is not None}
     job = override(job, {**flags, **parse_assignments(args.set), "catalog": args.catalog})
     job.validate()
     return job
@@ -112,13 +133,32 @@ def job_config(args: argparse.Namespace) -> JobConfig:
 
 def print_result(result: dict) -> None:
     m = result["metrics"]
-    print(f"\ntest accuracy {m.get('test_accuracy', float('nan')):.3f}, top-3 {m.get('test_top3_accuracy', float('nan')):.3f}, "
-          f"macro-F1 {m.get('test_macro_f1', float('nan')):.3f} over {len(result['painters'])} painters")
+    nan = float("nan")
+    print(f"\ntest accuracy {m.get('test_accuracy', nan):.3f}, top-3 {m.get('test_top3_accuracy', nan):.3f}, "
+          f"balanced accuracy {m.get('test_balanced_accuracy', nan):.3f}, macro-F1 {m.get('test_macro_f1', nan):.3f} "
+          f"over {len(result['painters'])} painters")
     bad = result["bad_images"]
     print(f"bad images skipped: {bad['total']} {bad['by_reason'] or ''}")
     print(f"checkpoints: {result['checkpoint']}")
     print(f"MLflow run {result['run_id']} in {result['tracking_uri']}")
     print(f"browse it:   mlflow ui --backend-store-uri {result['tracking_uri']}")
+
+
+def tune_sweep(args: argparse.Namespace) -> dict:
+    """The search space and job from the command line, both checked before any Ray work; then the sweep."""
+    from artnet.search import space, tune
+
+    job = job_config(args)
+    yaml_text = storage.read_bytes(args.space_file).decode() if args.space_file else None
+    return tune.sweep(job, space.parse_space(space.space_entries(args.space, yaml_text), job))
+
+
+def print_sweep(result: dict) -> None:
+    from artnet.search import tune
+
+    print("\n" + tune.markdown_table(result["rows"]))
+    print("summary: " + ", ".join(result["summary"]))
+    print(f"MLflow parent run {result['run_id']} in {result['tracking_uri']}")
 
 
 def run_catalog(cfg: CatalogConfig, out: str, layout: str = "auto") -> catalog.Catalog:
@@ -244,6 +284,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("catalog", help="folder or s3:// prefix written by `artnet catalog`")
     add_train_options(p)
 
+    p = command("tune", "search heads on cached features per painter count (Ray Tune), then fine-tune the best")
+    p.add_argument("catalog", help="folder or s3:// prefix written by `artnet catalog`")
+    add_train_options(p)
+    add_search_options(p)
+
+    p = command("analyze", "cross-validated report of a head on cached features (per-painter scores, confusion)")
+    p.add_argument("catalog", help="folder or s3:// prefix written by `artnet catalog`")
+    p.add_argument("--out", required=True, help="where report.json and confusion_matrix.png go")
+    p.add_argument("--folds", type=int, default=5)
+    add_train_options(p)
+    add_search_options(p)
+
     p = command("demo", "the whole flow, locally: on real paintings when --data and --weights are given")
     p.add_argument("--workdir", default="work/demo")
     p.add_argument("--data", default=os.environ.get("ARTNET_DATA") or None,
@@ -267,6 +319,13 @@ def run(args: argparse.Namespace) -> None:
         from artnet.train import trainer
 
         print_result(trainer.fit(job_config(args)))
+    elif args.command == "tune":
+        print_sweep(tune_sweep(args))
+    elif args.command == "analyze":
+        from artnet.search import analyze
+
+        print(analyze.format_report(analyze.analyze(job_config(args), args.folds, args.out)))
+        print(f"wrote {storage.join(args.out, 'report.json')} and {storage.join(args.out, 'confusion_matrix.png')}")
     elif args.command == "demo":
         demo(args.workdir, args.data, args.weights)
 

@@ -96,6 +96,7 @@ def replace(cfg, **changes):
 
 BACKBONES = ("inception_v3", "mobilenet_v2", "mobilenet", "tiny")
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
+CLASS_BALANCES = ("none", "weights", "logit_adjust")
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,7 @@ class ModelConfig:
     head_width: int = 512
     head_halving: bool = True
     dropout: float = 0.5
+    head_weights: str = ""  # start from a head trained on cached features (a file or s3:// URI from `artnet tune`)
 
     def validate(self) -> None:
         if self.backbone not in BACKBONES:
@@ -147,6 +149,9 @@ class TrainConfig:
     patience: int = 3  # epochs without val-loss improvement before a phase stops early; 0 = never
     precision: str = "auto"  # auto = mixed_bfloat16 on GPUs, float32 on CPUs
     seed: int = 0
+    # Unbalanced painters: "weights" weighs each painting by 1/(its painter's share), "logit_adjust" trains
+    # with log-prior offsets on the logits (Menon et al. 2021) so small painters are not argued away.
+    class_balance: str = "none"
 
     def validate(self) -> None:
         if self.head_epochs < 0 or self.finetune_epochs < 0 or self.head_epochs + self.finetune_epochs == 0:
@@ -164,6 +169,9 @@ class TrainConfig:
             raise ConfigError("train.precision", f"is {self.precision!r}", f"use one of {', '.join(PRECISIONS)}")
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError("train.label_smoothing", f"is {self.label_smoothing}", "use a value in [0, 1)")
+        if self.class_balance not in CLASS_BALANCES:
+            raise ConfigError("train.class_balance", f"is {self.class_balance!r}",
+                              f"use one of {', '.join(CLASS_BALANCES)}")
 
 
 @dataclass(frozen=True)
@@ -200,6 +208,50 @@ class TrackingConfig:
             raise ConfigError("tracking.experiment", "is empty", "name the MLflow experiment, e.g. artnet")
 
 
+SEARCH_ALGORITHMS = ("random", "optuna")
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """`artnet tune`: head-only trials on cached features, per painter count, then the best head fine-tuned."""
+
+    samples: int = 16  # trials per painter count
+    algorithm: str = "random"  # or "optuna" (model-based; needs the optuna package)
+    metric: str = "val_loss"  # chooses the config and drives early stopping; val_* metrics only
+    epochs: int = 30  # head epochs a trial may run (ASHA's max_t)
+    grace_epochs: int = 3  # epochs before ASHA may stop a trial
+    views: int = 4  # augmented views per training image in the feature cache
+    cache: str = ""  # feature cache: a path or s3:// prefix; empty: <workdir>/embeddings
+    painter_counts: tuple[int, ...] = ()  # top-K painters by paintings; empty: all painters of the catalog
+    max_concurrent: int = 0  # trials at once; 0: one per CPU, one CPU left for Ray's own work
+    finetune: bool = True  # fine-tune each count's best head end to end on images (Ray Train)
+
+    @property
+    def mode(self) -> str:
+        return "min" if self.metric.endswith("loss") else "max"
+
+    def validate(self) -> None:
+        if self.samples < 1:
+            raise ConfigError("search.samples", f"is {self.samples}", "run 1 or more trials per painter count")
+        if self.algorithm not in SEARCH_ALGORITHMS:
+            raise ConfigError("search.algorithm", f"is {self.algorithm!r}", f"use one of {', '.join(SEARCH_ALGORITHMS)}")
+        if self.metric not in VAL_METRICS:
+            raise ConfigError("search.metric", f"is {self.metric!r}",
+                              f"choose on validation: one of {', '.join(VAL_METRICS)} (never a test metric)")
+        if self.epochs < 1 or not 1 <= self.grace_epochs <= self.epochs:
+            raise ConfigError("search.grace_epochs", f"is {self.grace_epochs} with search.epochs {self.epochs}",
+                              "use 1 <= grace_epochs <= epochs")
+        if self.views < 0:
+            raise ConfigError("search.views", f"is {self.views}", "use 0 (centre crops only) or more views")
+        if any(k < 2 for k in self.painter_counts):
+            raise ConfigError("search.painter_counts", f"is {self.painter_counts}", "use counts of 2 or more painters")
+        if self.max_concurrent < 0:
+            raise ConfigError("search.max_concurrent", f"is {self.max_concurrent}", "use 0 (automatic) or more")
+
+
+VAL_METRICS = ("val_loss", "val_accuracy", "val_balanced_accuracy", "val_macro_f1", "val_top3_accuracy")
+
+
 @dataclass(frozen=True)
 class JobConfig:
     """Everything one training job needs. `catalog` is the folder/prefix holding manifest.parquet."""
@@ -214,6 +266,7 @@ class JobConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
 
     def validate(self) -> None:
         if not self.catalog:
@@ -222,11 +275,14 @@ class JobConfig:
             raise ConfigError("name", f"is {self.name!r}", "use a plain job name without slashes")
         if self.max_failures < -1:
             raise ConfigError("max_failures", f"is {self.max_failures}", "use -1 (retry forever), 0 or more")
-        for part in (self.data, self.model, self.train, self.scaling, self.tracking):
+        for part in (self.data, self.model, self.train, self.scaling, self.tracking, self.search):
             part.validate()
 
 
-def _coerce(text: str, current):
+_TUPLE_ITEMS = {"tuple[int, ...]": int, "tuple[float, ...]": float, "tuple[float, float, float]": float}
+
+
+def _coerce(text: str, current, annotation: str = ""):
     if isinstance(current, bool):
         if text.lower() in ("1", "true", "yes", "on"):
             return True
@@ -234,7 +290,7 @@ def _coerce(text: str, current):
             return False
         raise ValueError(f"expected true/false, got {text!r}")
     if isinstance(current, tuple):
-        kind = type(current[0]) if current else str
+        kind = _TUPLE_ITEMS.get(annotation, str)
         return tuple(kind(x) for x in text.split(",") if x)
     if current is None:
         return None if text.lower() == "none" else int(text)
@@ -258,7 +314,8 @@ def override(cfg, assignments: dict[str, str], _prefix: str = ""):
         if dataclasses.is_dataclass(current):
             raise ConfigError(_prefix + dotted, "is a section", f"set one of its fields, e.g. {head}.<field>=VALUE")
         try:
-            value = _coerce(str(text), current)
+            annotation = next(f.type for f in dataclasses.fields(cfg) if f.name == head)
+            value = _coerce(str(text), current, str(annotation))
         except ValueError as e:
             raise ConfigError(_prefix + dotted, f"cannot use {text!r} ({e})", f"give a {type(current).__name__} value") from None
         cfg = dataclasses.replace(cfg, **{head: value})

@@ -32,6 +32,8 @@ def setup(verbose: bool = False) -> None:
     _verbose = verbose
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if verbose else "2")
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "INFO" if verbose else "WARNING")  # read when mlflow is imported
+    if not verbose:  # Tune's newer console output prints its experiment tables even at verbose=0
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter("%(message)s"))
     log.handlers[:] = [handler]

@@ -21,6 +21,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from artnet.config import CatalogConfig, ConfigError
@@ -95,6 +96,11 @@ def split_of(key: str, fractions: tuple[float, float, float], seed: int) -> str:
     return "val" if u < fractions[0] + fractions[1] else "test"
 
 
+def largest(counts: dict[str, int], k: int) -> list[str]:
+    """The k painters with most paintings, ties broken by name."""
+    return sorted(counts, key=lambda p: (-counts[p], p))[:k]
+
+
 def select_painters(counts: dict[str, int], cfg: CatalogConfig) -> list[str]:
     """Painters kept by the filters, sorted by name (the sorted position is the label)."""
     if cfg.painters:
@@ -108,7 +114,7 @@ def select_painters(counts: dict[str, int], cfg: CatalogConfig) -> list[str]:
     else:
         chosen = [p for p, n in counts.items() if n >= cfg.min_paintings]
         if cfg.top_k:
-            chosen = sorted(chosen, key=lambda p: (-counts[p], p))[: cfg.top_k]
+            chosen = largest({p: counts[p] for p in chosen}, cfg.top_k)
     return sorted(chosen)
 
 
@@ -294,6 +300,30 @@ def load(out: str) -> tuple[pa.Table, list[str]]:
     manifest = pq.read_table(io.BytesIO(storage.read_bytes(storage.join(out, MANIFEST))))
     labels = json.loads(storage.read_bytes(storage.join(out, LABELS)))
     return manifest, labels["painters"]
+
+
+def digest(manifest: pa.Table) -> str:
+    """sha256 of what a manifest says: each image's key, source, label and split, in order."""
+    columns = manifest.select(["key", "uri", "row", "label", "split"]).combine_chunks()
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, columns.schema) as writer:  # the IPC writer serialises slices exactly
+        writer.write_table(columns)
+    return hashlib.sha256(sink.getvalue()).hexdigest()
+
+
+def subset(manifest: pa.Table, painters: list[str], keep: list[str]) -> tuple[pa.Table, list[str]]:
+    """The rows of the painters in `keep`, relabelled by their sorted names (as `build` labels them);
+    splits stay as they were."""
+    kept = sorted(keep)
+    label_of = {p: i for i, p in enumerate(kept)}
+    rows = manifest.filter(pc.is_in(manifest["painter"], pa.array(kept)))
+    labels = pa.array([label_of[p] for p in rows["painter"].to_pylist()], pa.int32())
+    return rows.set_column(rows.schema.get_field_index("label"), "label", labels), kept
+
+
+def top_painters(manifest: pa.Table, k: int) -> list[str]:
+    """The k painters with most images (ties by name), as `--top-k` chooses them."""
+    return sorted(largest(Counter(manifest["painter"].to_pylist()), k))
 
 
 def format_table(catalog: Catalog) -> str:

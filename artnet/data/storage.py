@@ -165,6 +165,13 @@ def list_files(uri: str, settings: S3Settings | None = None) -> list[pafs.FileIn
     return sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path)
 
 
+def ray_storage(uri: str) -> dict:
+    """`storage_path` (and `storage_filesystem` for s3://) as Ray Train and Tune's RunConfig take them."""
+    if is_s3(uri):
+        return {"storage_path": uri[len("s3://"):], "storage_filesystem": s3_filesystem()}
+    return {"storage_path": absolute(uri)}
+
+
 def boto3_client(settings: S3Settings | None = None):
     """A boto3 S3 client configured like the pyarrow filesystem (same endpoint and region)."""
     import boto3

@@ -66,3 +66,24 @@ def training_curves(history: list[dict], uri: str) -> None:
         ax.set_ylabel(label)
         ax.legend()
     _save(fig, uri)
+
+
+def sweep_curve(rows: list[dict], uri: str) -> None:
+    """Test accuracy (and balanced accuracy) against the number of painters, per model kind of a sweep."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    counts = [r["painters"] for r in rows]
+    series = (("head_test_accuracy", "head on features: accuracy", "-o"),
+              ("head_test_balanced_accuracy", "head on features: balanced", "--o"),
+              ("finetuned_test_accuracy", "fine-tuned: accuracy", "-s"),
+              ("finetuned_test_balanced_accuracy", "fine-tuned: balanced", "--s"))
+    for key, label, style in series:
+        values = [r.get(key) for r in rows]
+        if any(v is not None for v in values):
+            ax.plot(counts, [np.nan if v is None else v for v in values], style, label=label)
+    ax.plot(counts, [1 / c for c in counts], ":", color="grey", label="chance (1 / painters)")
+    ax.set_xlabel("painters")
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, uri)

@@ -19,6 +19,7 @@ from artnet.track import plots
 
 JOB_TAG = "artnet.job"
 MODEL_URI_TAG = "artnet.model_uri"
+PARENT_TAG = "mlflow.parentRunId"  # MLflow's own tag for nested runs
 
 
 def tracking_uri(job: JobConfig) -> str:
@@ -39,8 +40,21 @@ def artifact_location(job: JobConfig, uri: str) -> str | None:
     return None
 
 
-def start_job_run(job: JobConfig, uri: str) -> str:
-    """The run id for this job: the unfinished run with the same job name, or a new one with params logged."""
+def identity_tags(job: JobConfig, manifest, painters: list[str]) -> dict[str, str]:
+    """What a registry needs to tell whether two models answer the same question: the painters (count and a
+    checksum of the ordered names), the exact manifest and the backbone."""
+    import hashlib
+
+    from artnet.data import catalog
+
+    return {"artnet.painter_count": str(len(painters)),
+            "artnet.painters_sha256": hashlib.sha256("\n".join(painters).encode()).hexdigest(),
+            "artnet.manifest_sha256": catalog.digest(manifest), "artnet.backbone": job.model.backbone}
+
+
+def start_job_run(job: JobConfig, uri: str, tags: dict[str, str] | None = None) -> str:
+    """The run id for this job: the unfinished run with the same job name, or a new one with params and
+    `tags` logged."""
     import mlflow
 
     client = mlflow.MlflowClient(uri)
@@ -51,7 +65,7 @@ def start_job_run(job: JobConfig, uri: str) -> str:
                                order_by=["attributes.start_time DESC"], max_results=1)
     if found and found[0].info.status != "FINISHED":
         return found[0].info.run_id
-    run = client.create_run(experiment_id, run_name=job.name, tags={JOB_TAG: job.name})
+    run = client.create_run(experiment_id, run_name=job.name, tags={JOB_TAG: job.name, **(tags or {})})
     params = {k: str(v) for k, v in flatten(job).items()}
     items = list(params.items())
     for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
@@ -131,3 +145,27 @@ class WorkerRun:
         with mlflow.start_run(run_id=self.run_id):
             info = mlflow.keras.log_model(model, name="model", signature=signature)
             mlflow.set_tag(MODEL_URI_TAG, info.model_uri)  # what the registry step will register
+
+
+def log_files(uri: str, run_id: str, files: list[str]) -> None:
+    """Log files (local paths or s3:// URIs) as artifacts of a run."""
+    import mlflow
+
+    from artnet.data import storage
+
+    client = mlflow.MlflowClient(uri)
+    with tempfile.TemporaryDirectory() as d:
+        for name in files:
+            local = os.path.join(d, os.path.basename(name))
+            with open(local, "wb") as f:
+                f.write(storage.read_bytes(name))
+            client.log_artifact(run_id, local)
+
+
+def finish_run(uri: str, run_id: str, final_metrics: dict[str, float]) -> None:
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    for key, value in final_metrics.items():
+        client.log_metric(run_id, key, float(value))
+    client.set_terminated(run_id, "FINISHED")

@@ -23,7 +23,7 @@ from artnet import console, metrics
 from artnet.config import JobConfig
 from artnet.data import storage
 from artnet.model import backbones
-from artnet.train import schedule
+from artnet.train import balance, schedule
 
 CHECKPOINT_STATE = "state.json"
 
@@ -79,8 +79,10 @@ def _tf_dataset(shard, batch_size: int, size: int):
     return ds.with_options(options)
 
 
-def make_train_step(strategy, model, optimizer, global_batch: int, label_smoothing: float = 0.0):
-    """One distributed step: returns (mean loss over the global batch, correct predictions)."""
+def make_train_step(strategy, model, optimizer, global_batch: int, label_smoothing: float = 0.0,
+                    class_counts=None, class_balance: str = "none"):
+    """One distributed step: returns (mean loss over the global batch, correct predictions). With
+    `class_balance` the loss is weighed or logit-adjusted from the training split's `class_counts`."""
     import keras
     import tensorflow as tf
 
@@ -88,11 +90,14 @@ def make_train_step(strategy, model, optimizer, global_batch: int, label_smoothi
                                                    reduction="none")
     variables = model.trainable_variables
     num_classes = model.output_shape[-1]
+    counts = np.ones(num_classes) if class_counts is None else np.asarray(class_counts)
+    weights = tf.constant(balance.class_weights(counts, class_balance))
+    offsets = tf.constant(balance.logit_offsets(counts, class_balance))
 
     def replica_step(images, labels):
         with tf.GradientTape() as tape:
             logits = model(images, training=True)
-            per_example = loss_fn(tf.one_hot(labels, num_classes), logits)
+            per_example = loss_fn(tf.one_hot(labels, num_classes), logits + offsets) * tf.gather(weights, labels)
             loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
             scaled = optimizer.scale_loss(loss)
         grads = tape.gradient(scaled, variables)
@@ -129,16 +134,11 @@ def make_predict(model):
 def evaluate(predict, batches, num_classes: int) -> tuple[dict, np.ndarray]:
     """Metrics and confusion matrix over an iterable of numpy batches (the whole split)."""
     cm = np.zeros((num_classes, num_classes), np.int64)
-    top3 = 0
-    loss_sum = 0.0
+    top3, loss_sum = 0, 0.0
     for batch in batches:
-        images, labels = batch["image"].astype(np.float32), batch["label"].astype(np.int64)
-        logits = predict(images).numpy().astype(np.float64)
-        shifted = logits - logits.max(axis=1, keepdims=True)
-        log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-        loss_sum += float(-log_probs[np.arange(len(labels)), labels].sum())
-        cm += metrics.confusion(labels, logits.argmax(axis=1), num_classes)
-        top3 += metrics.top_k_correct(labels, logits, 3)
+        logits = predict(batch["image"].astype(np.float32)).numpy()
+        batch_cm, batch_top3, batch_loss = metrics.tally(batch["label"].astype(np.int64), logits, num_classes)
+        cm, top3, loss_sum = cm + batch_cm, top3 + batch_top3, loss_sum + batch_loss
     return metrics.summarize(cm, top3, loss_sum), cm
 
 
@@ -208,7 +208,8 @@ def _train_epoch(train_data, step_fn, optimizer, lr_of_step, global_batch: int) 
 def _epoch_line(record: dict, total_epochs: int, stopped: bool) -> str:
     return (f"epoch {record['epoch']}/{total_epochs} [phase {record['phase']}] loss {record['train_loss']:.4f} "
             f"acc {record['train_accuracy']:.3f} | val loss {record['val_loss']:.4f} acc {record['val_accuracy']:.3f} "
-            f"top3 {record['val_top3_accuracy']:.3f} f1 {record['val_macro_f1']:.3f} | "
+            f"top3 {record['val_top3_accuracy']:.3f} bal {record['val_balanced_accuracy']:.3f} "
+            f"f1 {record['val_macro_f1']:.3f} | "
             f"{record['images_per_s']:.1f} img/s" + (" | early stop" if stopped else ""))
 
 
@@ -239,6 +240,8 @@ def worker_loop(config: dict) -> None:
     spec = backbones.get(job.model.backbone)
     with strategy.scope():
         model = classifier.build_classifier(spec, job.model, num_classes, size)
+        if job.model.head_weights:  # a head trained on cached features (`artnet tune`): phase 1 is done
+            classifier.load_head(model, job.model, num_classes, backbones.fetch_weights(job.model.head_weights))
     state, best_weights, optimizer_values = _restore(model)
     if rank == 0 and state.epoch:
         console.say(progress, f"resuming at epoch {state.epoch + 1}")
@@ -266,7 +269,8 @@ def worker_loop(config: dict) -> None:
                 for variable, value in zip(optimizer.variables, optimizer_values):  # resuming inside a phase
                     variable.assign(value)
             optimizer_values = None  # consumed, or it belonged to the other phase
-            step_fn = make_train_step(strategy, model, optimizer, global_batch, tcfg.label_smoothing)
+            step_fn = make_train_step(strategy, model, optimizer, global_batch, tcfg.label_smoothing,
+                                      config["class_counts"], tcfg.class_balance)
             if rank == 0:
                 console.say(progress, f"phase {phase}: {len(model.trainable_variables)} trainable tensors, {unfrozen} "
                             f"backbone layers unfrozen; {replicas} replica(s) on {world} worker(s), global batch "
@@ -306,7 +310,8 @@ def worker_loop(config: dict) -> None:
         final.update({f"test_{k}": v for k, v in test.items()})
         run.log_final(model, test, cm, painters, state.history, size)
         console.say(progress, f"test: accuracy {test['accuracy']:.3f}, top-3 {test['top3_accuracy']:.3f}, "
-                              f"macro-F1 {test['macro_f1']:.3f} on {test['images']} images")
+                              f"balanced {test['balanced_accuracy']:.3f}, macro-F1 {test['macro_f1']:.3f} "
+                              f"on {test['images']} images")
     # A re-run of a finished job trains no epoch: it keeps the optimizer state it was given.
     values = [v.numpy() for v in optimizer.variables] if optimizer is not None else optimizer_values
     _report(final, rank, model, values, best_weights, state, save_model=True)
@@ -327,7 +332,8 @@ def absolute_paths(job: JobConfig) -> JobConfig:
     weights = job.model.weights if job.model.weights in ("imagenet", "none", "") else storage.absolute(job.model.weights)
     return replace(job, catalog=storage.absolute(job.catalog), workdir=storage.absolute(job.workdir),
                    storage_path=storage.absolute(job.storage_path),
-                   model=replace(job.model, weights=weights),
+                   model=replace(job.model, weights=weights, head_weights=storage.absolute(job.model.head_weights)),
+                   search=replace(job.search, cache=storage.absolute(job.search.cache)),
                    tracking=replace(job.tracking, tracking_uri=tracking_uri,
                                     artifact_location=storage.absolute(job.tracking.artifact_location)))
 
@@ -368,6 +374,14 @@ def _check_manifest(manifest, painters: list[str]) -> dict[str, int]:
     return counts
 
 
+def class_counts(manifest, num_classes: int) -> list[int]:
+    """Training images per painter (label order): what class balancing is computed from."""
+    import pyarrow.compute as pc
+
+    train = manifest.filter(pc.equal(manifest["split"], "train"))
+    return np.bincount(train["label"].to_numpy(), minlength=num_classes).tolist()
+
+
 def _check_cpu_headroom(job: JobConfig) -> None:
     """Training workers that take every CPU leave none for Ray Data's decode tasks, and the job would wait
     forever for its first batch: refuse that before starting."""
@@ -383,25 +397,25 @@ def _check_cpu_headroom(job: JobConfig) -> None:
                           "for decoding images", "use fewer workers or cpus_per_worker, or add CPU nodes")
 
 
+def results_dir(job: JobConfig) -> str:
+    """Where a job's checkpoints (and a sweep's results) go: the storage path, or <workdir>/ray_results."""
+    return job.storage_path or storage.join(job.workdir, "ray_results")
+
+
 def _run_config(job: JobConfig):
     import ray.train
 
-    base = job.storage_path or os.path.abspath(os.path.join(job.workdir, "ray_results"))
-    kwargs = {}
-    if storage.is_s3(base):
-        kwargs["storage_filesystem"] = storage.s3_filesystem()
-        base = base[len("s3://"):]
     return ray.train.RunConfig(
-        name=job.name, storage_path=base,
+        name=job.name, **storage.ray_storage(results_dir(job)),
         failure_config=ray.train.FailureConfig(max_failures=job.max_failures),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-        **kwargs,
     )
 
 
-def fit(job: JobConfig) -> dict:
+def fit(job: JobConfig, parent_run_id: str | None = None) -> dict:
     """Run one training job on the Ray cluster (local unless RAY_ADDRESS says otherwise); returns the final
-    metrics, the MLflow run id and where the checkpoints are."""
+    metrics, the MLflow run id and where the checkpoints are. With `parent_run_id` the job's MLflow run is
+    nested under that run (a sweep's)."""
     import ray
 
     from artnet.data import catalog, pipeline
@@ -418,7 +432,10 @@ def fit(job: JobConfig) -> dict:
     console.init_ray()
     _check_cpu_headroom(job)
     uri = tracking.tracking_uri(job)
-    run_id = tracking.start_job_run(job, uri)
+    tags = tracking.identity_tags(job, manifest, painters)
+    if parent_run_id:
+        tags[tracking.PARENT_TAG] = parent_run_id
+    run_id = tracking.start_job_run(job, uri, tags)
     bad = pipeline.new_tally()
     datasets = {split: pipeline.build_dataset(manifest, split, job.data, train=(split == "train"), bad_images=bad)
                 for split in ("train", "val", "test")}
@@ -427,6 +444,7 @@ def fit(job: JobConfig) -> dict:
         trainer = TensorflowTrainer(
             train_loop_per_worker=worker_loop,
             train_loop_config={"job": job, "painters": painters, "train_rows": counts["train"], "run_id": run_id,
+                               "class_counts": class_counts(manifest, len(painters)),
                                "tracking_uri": uri, "progress": progress},
             scaling_config=ScalingConfig(
                 num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,

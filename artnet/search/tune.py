@@ -1,0 +1,235 @@
+"""`artnet tune`: Ray Tune over heads on cached backbone features, for each painter count, then each count's
+best head fine-tuned end to end by the training job itself.
+
+Per sweep: the features of the whole catalog are computed once (`search.embeddings`); every painter count is a
+subset of it and reads them from the cache. Per count: a Tuner runs head-only trials (seconds each, no CNN in
+the loop) with ASHA stopping poor ones early, on train and validation features only; the best config by the
+validation metric is retrained once, and only then scored on the test split. With `search.finetune`, that head
+starts an `artnet train` job (phase 2 only, `model.head_weights`) on the images. MLflow gets a parent run per
+sweep, a nested run per trial and per fine-tuning job, and the summary table and plot as artifacts.
+
+A sweep interrupted part-way resumes: each count's Tune experiment is restored (finished trials are not run
+again), and each fine-tuning job resumes by name, as `artnet train` does.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+
+from artnet import console, metrics
+from artnet.config import CatalogConfig, ConfigError, JobConfig, override, replace
+from artnet.data import catalog, storage
+from artnet.search import embeddings
+from artnet.search.heads import Features, fit_head, logits_of
+from artnet.search.space import Dimension, to_tune
+
+SUMMARY_COLUMNS = ("painters", "trials", "stopped_early", "best_config", "val_metric", "head_test_accuracy",
+                   "head_test_top3_accuracy", "head_test_balanced_accuracy", "head_test_macro_f1",
+                   "finetuned_test_accuracy", "finetuned_test_top3_accuracy", "finetuned_test_balanced_accuracy",
+                   "finetuned_test_macro_f1", "compute_s", "model_uri")
+
+
+def head_trial(config: dict, *, base: JobConfig, train: Features, val: Features, num_classes: int) -> None:
+    """One Tune trial: the sampled fields over the base config, a head trained on the features, every epoch
+    reported (validation metrics only: trials never see the test split)."""
+    from ray import tune
+
+    _one_thread_per_trial()
+    job = override(base, {field: str(value) for field, value in config.items()})
+    fit_head(train, num_classes, job.model, job.train, job.search.epochs, val=val, on_epoch=tune.report)
+
+
+def _one_thread_per_trial() -> None:
+    """A trial holds one CPU; TensorFlow would otherwise start a thread pool as wide as the machine."""
+    import tensorflow as tf
+
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(1)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+    except RuntimeError:  # a reused trial process already initialised TensorFlow
+        pass
+
+
+def _search_algorithm(job: JobConfig):
+    if job.search.algorithm == "random":
+        return None  # Tune's default: random sampling of the space
+    try:
+        from ray.tune.search.optuna import OptunaSearch
+    except ImportError:
+        raise ConfigError("search.algorithm", "is 'optuna' but optuna is not installed",
+                          "pip install optuna, or use search.algorithm=random") from None
+    return OptunaSearch(seed=job.train.seed)
+
+
+def _concurrency(job: JobConfig) -> int:
+    import ray
+
+    if job.search.max_concurrent:
+        return job.search.max_concurrent
+    return max(1, int(ray.cluster_resources().get("CPU", 1)) - 1)  # one CPU for Ray's own work
+
+
+def search_count(job: JobConfig, dims: list[Dimension], data: dict[str, Features], num_classes: int,
+                 name: str, parent_run_id: str, uri: str):
+    """Run (or resume) one count's Tune experiment; returns Tune's ResultGrid."""
+    from ray import tune
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
+    from ray.tune.schedulers import ASHAScheduler
+
+    from artnet.train import trainer
+
+    trainable = tune.with_resources(
+        tune.with_parameters(head_trial, base=job, train=data["train"], val=data["val"], num_classes=num_classes),
+        {"cpu": 1})
+    where = storage.ray_storage(trainer.results_dir(job))
+    path = storage.join(trainer.results_dir(job), name)
+    if tune.Tuner.can_restore(where["storage_path"] + "/" + name, where.get("storage_filesystem")):
+        tuner = tune.Tuner.restore(where["storage_path"] + "/" + name, trainable, resume_errored=True,
+                                   storage_filesystem=where.get("storage_filesystem"))
+        console.log.info("resuming the search in %s", path)
+    else:
+        tuner = tune.Tuner(
+            trainable, param_space=to_tune(dims),
+            tune_config=tune.TuneConfig(
+                metric=job.search.metric, mode=job.search.mode, num_samples=job.search.samples,
+                scheduler=ASHAScheduler(max_t=job.search.epochs, grace_period=job.search.grace_epochs),
+                search_alg=_search_algorithm(job), max_concurrent_trials=_concurrency(job)),
+            run_config=tune.RunConfig(
+                name=name, verbose=1 if console.is_verbose() else 0, **where,
+                callbacks=[MLflowLoggerCallback(tracking_uri=uri, experiment_name=job.tracking.experiment,
+                                                tags={"mlflow.parentRunId": parent_run_id,
+                                                      "artnet.painter_count": str(num_classes)})]))
+    return tuner.fit()
+
+
+def _best(results, job: JobConfig):
+    """The trial whose best epoch is best on the validation metric."""
+    best = results.get_best_result(job.search.metric, job.search.mode, scope="all")
+    history = best.metrics_dataframe
+    values = history[job.search.metric]
+    epoch = int(history["epoch"][values.idxmin() if job.search.mode == "min" else values.idxmax()])
+    return best, epoch
+
+
+def _save_head(head, uri: str) -> None:
+    import os
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "head.weights.h5")
+        head.save_weights(path)
+        with open(path, "rb") as f:
+            storage.write_bytes(uri, f.read())
+
+
+def run_count(job: JobConfig, dims: list[Dimension], manifest, painters: list[str], count: int, features_dir: str,
+              parent_run_id: str, uri: str) -> dict:
+    """Search one painter count, score its best head on test, fine-tune it if asked: one summary row."""
+    from artnet.train import trainer
+
+    start = time.time()
+    keep = catalog.top_painters(manifest, count) if count < len(painters) else painters
+    sub, names = catalog.subset(manifest, painters, keep)
+    data = embeddings.load(sub, features_dir, job.search.views, splits=("train", "val"))
+    name = f"{job.name}-{count}painters"
+    results = search_count(job, dims, data, len(names), name, parent_run_id, uri)
+    best, best_epoch = _best(results, job)
+    trials = [r for r in results if r.metrics]
+    stopped = sum(1 for r in trials if r.metrics.get("training_iteration", 0) < job.search.epochs)
+    chosen = override(job, {field: str(value) for field, value in best.config.items()})
+    # The chosen config, retrained for its best epoch count; only now is the test split read, once.
+    final = fit_head(data["train"], len(names), chosen.model, chosen.train, best_epoch, val=data["val"])
+    test = embeddings.load(sub, features_dir, 0, splits=("test",))["test"]
+    head_test, _ = metrics.evaluate_logits(test.y, logits_of(final.model, test.x), len(names))
+    out = storage.join(trainer.results_dir(job), job.name, f"{count}painters")
+    _save_head(final.model, storage.join(out, "head.weights.h5"))
+    row = {"painters": len(names), "trials": len(trials), "stopped_early": stopped,
+           "best_config": "; ".join(f"{k}={_short(v)}" for k, v in sorted(best.config.items())),
+           "val_metric": float(best.metrics_dataframe[job.search.metric].agg(job.search.mode)),
+           **{f"head_test_{k}": v for k, v in head_test.items() if k in ("accuracy", "top3_accuracy",
+                                                                        "balanced_accuracy", "macro_f1")}}
+    trial_seconds = float(sum(r.metrics.get("time_total_s", 0.0) for r in trials))
+    console.log.info("%d painters: %d trials (%d stopped early), best %s; head on test: accuracy %.3f, balanced %.3f",
+                     len(names), len(trials), stopped, row["best_config"], row["head_test_accuracy"],
+                     row["head_test_balanced_accuracy"])
+    if job.search.finetune:
+        catalog.write(catalog.Catalog(sub, names, {}), storage.join(out, "catalog"), CatalogConfig(source=job.catalog))
+        tuned = replace(chosen, catalog=storage.join(out, "catalog"), name=f"{name}-finetune",
+                        model=replace(chosen.model, head_weights=storage.join(out, "head.weights.h5")),
+                        train=replace(chosen.train, head_epochs=0))
+        result = trainer.fit(tuned, parent_run_id=parent_run_id)
+        row.update({f"finetuned_test_{k}": result["metrics"].get(f"test_{k}") for k in
+                    ("accuracy", "top3_accuracy", "balanced_accuracy", "macro_f1")})
+        row["model_uri"] = result["model_uri"]
+    row["compute_s"] = trial_seconds + (time.time() - start)
+    return row
+
+
+def _short(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def sweep(job: JobConfig, dims: list[Dimension]) -> dict:
+    """The whole sweep: features once, then every painter count; returns the summary rows and where the
+    summary files are."""
+    from artnet.track import plots, tracking
+    from artnet.train import trainer
+
+    console.import_tensorflow()
+    job.validate()
+    manifest, painters = catalog.load(job.catalog)
+    counts = sorted(set(job.search.painter_counts or (len(painters),)))
+    if counts[-1] > len(painters):
+        raise ConfigError("search.painter_counts", f"asks for {counts[-1]} painters; the catalog has {len(painters)}",
+                          f"use counts up to {len(painters)}, or catalogue more painters")
+    job = trainer.resolve(job)
+    console.init_ray()
+    cache = job.search.cache or storage.join(job.workdir, "embeddings")
+    started = time.time()
+    cached = embeddings.ensure(manifest, job, cache, job.search.views, job.train.seed)
+    console.log.info("features: %d computed, %d reused, %d undecodable (%.0f s) in %s", cached["computed"],
+                     cached["reused"], cached["undecodable"], time.time() - started, cached["directory"])
+    uri = tracking.tracking_uri(job)
+    parent = tracking.start_job_run(job, uri, {"artnet.sweep": "true"})
+    rows = [run_count(job, dims, manifest, painters, k, cached["directory"], parent, uri) for k in counts]
+    out = storage.join(trainer.results_dir(job), job.name)
+    files = write_summary(rows, out)
+    plots.sweep_curve(rows, storage.join(out, "accuracy_by_painters.png"))
+    files.append(storage.join(out, "accuracy_by_painters.png"))
+    tracking.log_files(uri, parent, files)
+    tracking.finish_run(uri, parent, {"features_computed": cached["computed"], "features_reused": cached["reused"]})
+    return {"rows": rows, "summary": files, "run_id": parent, "tracking_uri": uri, "features": cached}
+
+
+def write_summary(rows: list[dict], out: str) -> list[str]:
+    """summary.csv and summary.md beside the sweep's results."""
+    import csv
+
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=SUMMARY_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    storage.write_bytes(storage.join(out, "summary.csv"), text.getvalue().encode())
+    storage.write_bytes(storage.join(out, "summary.md"), markdown_table(rows).encode())
+    storage.write_bytes(storage.join(out, "summary.json"), json.dumps(rows, indent=2).encode())
+    return [storage.join(out, name) for name in ("summary.csv", "summary.md", "summary.json")]
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """painters | best config | val | head test top-1/top-3/balanced/macro-F1 | fine-tuned test ... | trials"""
+    def cell(value):
+        return "" if value is None else (f"{value:.3f}" if isinstance(value, float) else str(value))
+
+    header = ["painters", "best head config", "val", "test top-1 (head)", "top-3", "balanced", "macro-F1",
+              "test top-1 (fine-tuned)", "top-3", "balanced", "macro-F1", "trials (stopped early)", "compute s"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        lines.append("| " + " | ".join([
+            cell(r["painters"]), r["best_config"], cell(r["val_metric"]), cell(r["head_test_accuracy"]),
+            cell(r["head_test_top3_accuracy"]), cell(r["head_test_balanced_accuracy"]), cell(r["head_test_macro_f1"]),
+            cell(r.get("finetuned_test_accuracy")), cell(r.get("finetuned_test_top3_accuracy")),
+            cell(r.get("finetuned_test_balanced_accuracy")), cell(r.get("finetuned_test_macro_f1")),
+            f"{r['trials']} ({r['stopped_early']})", f"{r['compute_s']:.0f}"]) + " |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,253 @@
+"""Search: the space, class balancing, the feature cache, heads on features, the scikit-learn estimator, and a
+small painter-count sweep on a real local Ray cluster with real MLflow."""
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.compute as pc
+import pytest
+
+from artnet import presets
+from artnet.config import CatalogConfig, ConfigError, override
+from artnet.data import catalog, demo_data
+from artnet.search import embeddings, space
+from artnet.search.estimator import HeadClassifier
+from artnet.search.heads import Features, fit_head, logits_of
+from artnet.train import balance
+from conftest import bad_files
+
+
+# ------------------------------------------------------------------------------------------------- pure parts
+
+def test_space_parses_each_distribution_and_checks_fields_and_ranges():
+    base = presets.preset("demo")
+    dims = space.parse_space({"model.dropout": "uniform:0.1,0.5", "model.head_depth": "randint:0,2",
+                              "train.class_balance": "choice:none,weights", "train.lr": "loguniform:1e-3,1e-1"}, base)
+    assert [(d.field, d.kind, d.values) for d in dims] == [
+        ("model.dropout", "uniform", (0.1, 0.5)), ("model.head_depth", "randint", (0, 2)),
+        ("train.class_balance", "choice", ("none", "weights")), ("train.lr", "loguniform", (1e-3, 1e-1))]
+    tune_space = space.to_tune(dims)
+    assert {tune_space["model.head_depth"].sample() for _ in range(200)} == {0, 1, 2}  # both ends included
+    for entries, field in (({"model.dropuot": "uniform:0.1,0.5"}, "model.dropuot"),  # not a field
+                           ({"model.dropout": "uniform:0.1,1.5"}, "model.dropout"),  # 1.5 is no dropout rate
+                           ({"train.class_balance": "choice:none,sqrt"}, "train.class_balance"),
+                           ({"train.lr": "loguniform:0,0.1"}, "search space train.lr"),
+                           ({"train.lr": "normal:0,1"}, "search space train.lr")):
+        with pytest.raises(ConfigError) as err:
+            space.parse_space(entries, base)
+        assert field in str(err.value) and "Fix:" in str(err.value)
+
+
+def test_space_entries_from_yaml_and_flags_later_wins():
+    yaml_text = "model:\n  dropout: uniform:0.0,0.3\n  head_depth: [1, 2]\ntrain.lr: loguniform:0.001,0.01\n"
+    entries = space.space_entries(["model.dropout=uniform:0.2,0.4"], yaml_text)
+    assert entries == {"model.dropout": "uniform:0.2,0.4", "model.head_depth": "choice:1,2",
+                       "train.lr": "loguniform:0.001,0.01"}
+    assert space.space_entries([]) == space.DEFAULT_SPACE
+
+
+def test_class_balance_rules():
+    counts = np.array([90, 9, 1])
+    weights = balance.class_weights(counts, "weights")
+    np.testing.assert_allclose(weights * counts, counts.sum() / 3)  # every painter carries the same weight
+    np.testing.assert_allclose((weights * counts).sum() / counts.sum(), 1.0)  # mean weight over the data is 1
+    np.testing.assert_allclose(balance.logit_offsets(counts, "logit_adjust"), np.log(counts / 100), rtol=1e-6)
+    assert (balance.class_weights(counts, "none") == 1).all() and (balance.logit_offsets(counts, "none") == 0).all()
+
+
+def test_catalog_subset_relabels_by_name_and_keeps_splits(tmp_path):
+    demo_data.write_demo_set(str(tmp_path / "d"), painters=4, per_painter=8, size=32)
+    cat = catalog.build(CatalogConfig(source=str(tmp_path / "d")))
+    keep = catalog.top_painters(cat.manifest, 2)
+    sub, names = catalog.subset(cat.manifest, cat.painters, keep)
+    assert names == sorted(keep) and set(sub["painter"].to_pylist()) == set(keep)
+    assert [names[i] for i in sub["label"].to_pylist()] == sub["painter"].to_pylist()
+    before = dict(zip(cat.manifest["key"].to_pylist(), cat.manifest["split"].to_pylist()))
+    assert all(before[k] == s for k, s in zip(sub["key"].to_pylist(), sub["split"].to_pylist()))
+    assert catalog.digest(sub) != catalog.digest(cat.manifest) and catalog.digest(sub) == catalog.digest(sub.slice(0))
+
+
+# ----------------------------------------------------------------------------------------- heads on features
+
+def clusters(n_per_class, dim=16, spread=1.0, seed=0):
+    """Gaussian clusters, one per class: learnable features."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, 3, (len(n_per_class), dim))
+    x = np.concatenate([rng.normal(c, spread, (n, dim)) for c, n in zip(centres, n_per_class)]).astype(np.float32)
+    y = np.concatenate([np.full(n, i) for i, n in enumerate(n_per_class)])
+    order = rng.permutation(len(y))
+    return x[order], y[order]
+
+
+def head_accuracy(train, test, epochs=15, **train_sets):
+    """(accuracy, balanced accuracy) on `test` of a head trained on `train`."""
+    job = override(presets.preset("demo"), {"train.patience": "0", "train.lr": "0.05", **train_sets})
+    fit = fit_head(Features(*train), 4, job.model, job.train, epochs)
+    predicted = logits_of(fit.model, test[0]).argmax(axis=1)
+    recall = [np.mean(predicted[test[1] == c] == c) for c in range(4)]
+    return float(np.mean(predicted == test[1])), float(np.mean(recall))
+
+
+def test_head_learns_features_and_not_shuffled_labels():
+    x, y = clusters([60] * 4)
+    train, test = (x[:160], y[:160]), (x[160:], y[160:])
+    accuracy, _ = head_accuracy(train, test)
+    shuffled, _ = head_accuracy((train[0], np.random.default_rng(1).permutation(train[1])), test)
+    assert accuracy > 0.9 and shuffled < 0.5  # chance is 0.25
+
+
+def test_logit_adjustment_lifts_the_small_painters():
+    x, y = clusters([1000, 100, 20, 10], spread=3, dim=8, seed=3)
+    tx, ty = clusters([100] * 4, spread=3, dim=8, seed=3)  # the same painters, balanced
+    linear = {"model.head_depth": "0"}
+    _, plain = head_accuracy((x, y), (tx, ty), epochs=20, **linear)
+    _, adjusted = head_accuracy((x, y), (tx, ty), epochs=20, **linear, **{"train.class_balance": "logit_adjust"})
+    assert adjusted > plain + 0.03, (plain, adjusted)  # measured 0.703 -> 0.772
+
+
+def test_estimator_in_grid_search_and_pipeline():
+    from sklearn.model_selection import GridSearchCV, cross_val_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    x, y = clusters([40] * 4)
+    names = np.array(["Degas", "Monet", "Picasso", "Van Gogh"])[y]  # string classes, as painters are
+    pipe = make_pipeline(StandardScaler(), HeadClassifier(epochs=40, head_depth=0, lr=0.05))
+    assert cross_val_score(pipe, x, names, cv=3).mean() > 0.9
+    grid = GridSearchCV(HeadClassifier(epochs=40, lr=0.05), {"head_depth": [0, 1], "dropout": [0.0, 0.5]},
+                        cv=2).fit(x, names)
+    assert set(grid.best_estimator_.classes_) == set(names) and grid.best_score_ > 0.9
+    proba = grid.predict_proba(x[:5])
+    np.testing.assert_allclose(proba.sum(axis=1), 1, rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_estimator_passes_scikit_learn_checks():
+    """All of scikit-learn's estimator checks (array-API input is skipped by scikit-learn itself)."""
+    from sklearn.utils.estimator_checks import check_estimator
+
+    results = check_estimator(HeadClassifier(epochs=5), on_fail=None)
+    failed = [(r["check_name"], str(r["exception"])[:200]) for r in results if r["status"] == "failed"]
+    assert len(results) > 40 and not failed, failed
+
+
+# ------------------------------------------------------------------------------------------- feature cache
+
+@pytest.fixture(scope="module")
+def painted(tmp_path_factory):
+    """4 synthetic painters x 12 paintings (one of them a truncated file), catalogued 60/20/20."""
+    root = tmp_path_factory.mktemp("search")
+    demo_data.write_demo_set(str(root / "data"), painters=4, per_painter=12, size=48)
+    first = sorted((root / "data").iterdir())[0]
+    (first / "truncated.jpg").write_bytes(bad_files()["truncated.jpg"])
+    cat = catalog.build(CatalogConfig(source=str(root / "data"), split=(0.6, 0.2, 0.2), seed=2))
+    catalog.write(cat, str(root / "catalog"), CatalogConfig(source=str(root / "data")))
+    return root, cat
+
+
+def tiny_job(root, **sets):
+    from artnet.train import trainer
+
+    base = {"catalog": str(root / "catalog"), "workdir": str(root / "work"), "data.image_size": "32",
+            "data.decode_batch": "16"}
+    return trainer.resolve(override(presets.preset("demo"), {**base, **sets}))
+
+
+def part_files(directory):
+    return sorted(p.name for p in Path(directory).rglob("*.parquet"))
+
+
+def test_feature_cache_computes_once_and_serves_painter_subsets(painted, ray_local, tmp_path):
+    root, cat = painted
+    job = tiny_job(root)
+    manifest = cat.manifest
+    n_train = int(pc.sum(pc.equal(manifest["split"], "train")).as_py())
+    first = embeddings.ensure(manifest, job, str(tmp_path / "cache"), views=2)
+    assert first["computed"] + first["undecodable"] == manifest.num_rows + 2 * n_train
+    assert first["undecodable"] >= 1 and first["reused"] == 0  # the truncated file, each of its views once
+    files = part_files(first["directory"])
+
+    again = embeddings.ensure(manifest, job, str(tmp_path / "cache"), views=2)
+    keep = catalog.top_painters(manifest, 2)
+    sub, names = catalog.subset(manifest, cat.painters, keep)
+    subset = embeddings.ensure(sub, job, str(tmp_path / "cache"), views=2)
+    assert again["computed"] == subset["computed"] == 0 and again["undecodable"] == 0
+    assert part_files(first["directory"]) == files, "no backbone inference ran: no new feature files"
+
+    data = embeddings.load(sub, subset["directory"], views=2)
+    sub_train = int(pc.sum(pc.equal(sub["split"], "train")).as_py())
+    assert len(data["train"].y) <= 3 * sub_train and set(data["train"].y) <= {0, 1}
+    assert len(data["val"].y) + len(data["test"].y) <= sub.num_rows - sub_train
+    assert data["train"].x.shape[1] == 16 and np.isfinite(data["train"].x).all()
+    # Augmented views differ from the centre crop; a different view count is another cache.
+    other = embeddings.ensure(manifest, job, str(tmp_path / "cache"), views=1)
+    assert other["directory"] != first["directory"] and other["computed"] > 0
+
+
+def test_head_transplant_gives_the_classifier_the_heads_predictions(painted, tmp_path):
+    from artnet.model import backbones, classifier
+
+    root, _ = painted
+    job = tiny_job(root, **{"model.head_depth": "1"})
+    spec = backbones.get("tiny")
+    head = classifier.build_head(job.model, 4, 16)
+    head.save_weights(tmp_path / "head.weights.h5")
+    model = classifier.build_classifier(spec, job.model, 4, 32)
+    classifier.load_head(model, job.model, 4, str(tmp_path / "head.weights.h5"))
+    images = np.random.default_rng(0).uniform(0, 255, (3, 32, 32, 3)).astype(np.float32)
+    features = model.get_layer("backbone")(model.get_layer("preprocess")(images), training=False)
+    np.testing.assert_allclose(model(images, training=False), head(features, training=False), atol=1e-5)
+
+
+# -------------------------------------------------------------------------------------------------- sweeps
+
+@pytest.mark.slow
+def test_sweep_over_two_painter_counts(painted, ray_local, monkeypatch):
+    import mlflow
+
+    from artnet.search import tune
+
+    root, cat = painted
+    loads = []
+    real_load = embeddings.load
+
+    def recording_load(manifest, directory, views, splits=("train", "val", "test")):
+        loads.append((splits, time.time()))
+        return real_load(manifest, directory, views, splits)
+
+    monkeypatch.setattr(embeddings, "load", recording_load)
+    job = tiny_job(root, name="sweep", **{"search.painter_counts": "2,4", "search.samples": "4",
+                                          "search.epochs": "8", "search.grace_epochs": "1", "search.views": "1",
+                                          "search.finetune": "false", "train.patience": "0"})
+    dims = space.parse_space({"train.lr": "choice:0.00001,0.3", "model.head_depth": "choice:0,1"}, job)
+    result = tune.sweep(job, dims)
+
+    rows = result["rows"]
+    assert [r["painters"] for r in rows] == [2, 4] and all(r["trials"] == 4 for r in rows)
+    assert sum(r["stopped_early"] for r in rows) >= 1, "ASHA stopped a poor trial"
+    # The test split is read once per count, after that count's trials all ended.
+    test_reads = [t for splits, t in loads if "test" in splits]
+    assert len(test_reads) == 2 and all("test" not in s for s, _ in loads if s != ("test",))
+    client = mlflow.MlflowClient(result["tracking_uri"])
+    experiment = client.get_experiment_by_name("artnet").experiment_id
+    trials = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{result['run_id']}'")
+    assert len(trials) == 8
+    ends = max(r.info.end_time for r in trials if r.data.tags.get("artnet.painter_count") == "2") / 1000
+    assert test_reads[0] >= ends - 1
+    best = {}
+    for run in trials:
+        history = client.get_metric_history(run.info.run_id, "val_loss")
+        assert history and "train.lr" in run.data.params
+        count = run.data.tags["artnet.painter_count"]
+        best.setdefault(count, []).append(min(m.value for m in history))
+    # The chosen config is the best on validation, and its figure is the one reported.
+    for row in rows:
+        assert row["val_metric"] == pytest.approx(min(best[str(row["painters"])]), rel=1e-6)
+    artifacts = {a.path for a in client.list_artifacts(result["run_id"])}
+    assert {"summary.csv", "summary.md", "summary.json", "accuracy_by_painters.png"} <= artifacts
+    assert result["features"]["computed"] > 0
+
+    # A second sweep over the same data computes no features.
+    again = tune.sweep(override(job, {"name": "sweep2", "search.samples": "1"}), dims)
+    assert again["features"]["computed"] == 0 and again["features"]["reused"] > 0

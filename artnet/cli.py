@@ -146,6 +146,7 @@ def print_result(result: dict) -> None:
 
 def tune_sweep(args: argparse.Namespace) -> dict:
     """The search space and job from the command line, both checked before any Ray work; then the sweep."""
+    console.import_tensorflow()
     from artnet.search import space, tune
 
     job = job_config(args)
@@ -322,6 +323,7 @@ def run(args: argparse.Namespace) -> None:
     elif args.command == "tune":
         print_sweep(tune_sweep(args))
     elif args.command == "analyze":
+        console.import_tensorflow()
         from artnet.search import analyze
 
         print(analyze.format_report(analyze.analyze(job_config(args), args.folds, args.out)))

@@ -219,7 +219,7 @@ class SearchConfig:
     algorithm: str = "random"  # or "optuna" (model-based; needs the optuna package)
     metric: str = "val_loss"  # chooses the config and drives early stopping; val_* metrics only
     epochs: int = 30  # head epochs a trial may run (ASHA's max_t)
-    grace_epochs: int = 3  # epochs before ASHA may stop a trial
+    grace_epochs: int = 3  # epochs before ASHA may stop a trial (at most search.epochs)
     views: int = 4  # augmented views per training image in the feature cache
     cache: str = ""  # feature cache: a path or s3:// prefix; empty: <workdir>/embeddings
     painter_counts: tuple[int, ...] = ()  # top-K painters by paintings; empty: all painters of the catalog
@@ -238,9 +238,11 @@ class SearchConfig:
         if self.metric not in VAL_METRICS:
             raise ConfigError("search.metric", f"is {self.metric!r}",
                               f"choose on validation: one of {', '.join(VAL_METRICS)} (never a test metric)")
-        if self.epochs < 1 or not 1 <= self.grace_epochs <= self.epochs:
-            raise ConfigError("search.grace_epochs", f"is {self.grace_epochs} with search.epochs {self.epochs}",
-                              "use 1 <= grace_epochs <= epochs")
+        if self.epochs < 1:
+            raise ConfigError("search.epochs", f"is {self.epochs}", "let a trial run 1 or more epochs")
+        if self.grace_epochs < 1:
+            raise ConfigError("search.grace_epochs", f"is {self.grace_epochs}",
+                              "give every trial 1 or more epochs before it may be stopped")
         if self.views < 0:
             raise ConfigError("search.views", f"is {self.views}", "use 0 (centre crops only) or more views")
         if any(k < 2 for k in self.painter_counts):
@@ -290,8 +292,8 @@ def _coerce(text: str, current, annotation: str = ""):
             return False
         raise ValueError(f"expected true/false, got {text!r}")
     if isinstance(current, tuple):
-        kind = _TUPLE_ITEMS.get(annotation, str)
-        return tuple(kind(x) for x in text.split(",") if x)
+        kind = _TUPLE_ITEMS.get(annotation, str)  # "3,5,10", or "(3, 5, 10)" as str() and MLflow params write it
+        return tuple(kind(x.strip().strip("'\"")) for x in text.strip("()[] ").split(",") if x.strip())
     if current is None:
         return None if text.lower() == "none" else int(text)
     return type(current)(text)

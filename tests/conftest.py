@@ -87,6 +87,18 @@ def write_folder_set(root: Path, painters: dict[str, int], extra: dict[str, dict
             (folder / fname).write_bytes(data)
 
 
+@pytest.fixture(autouse=True)
+def restore_mlflow_env():
+    """`mlflow.set_tracking_uri` (called by artnet's model loading and by Tune's MLflow callback) also sets
+    MLFLOW_TRACKING_URI, which artnet honours: keep tests apart."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """A real S3 HTTP endpoint on loopback; the AWS environment points every client (pyarrow, boto3, Ray

@@ -14,7 +14,10 @@ from conftest import REPO, SHARED, requires_paintings, requires_weights
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 # Appended to the README's commands so they finish in about a minute on 2 cores (later flags win).
-QUICK = {"train": ["--image-size", "64", "--head-epochs", "1", "--finetune-epochs", "1"], "preview": ["--batches", "1"]}
+QUICK = {"train": ["--image-size", "64", "--head-epochs", "1", "--finetune-epochs", "1"], "preview": ["--batches", "1"],
+         "tune": ["--image-size", "64", "--samples", "2", "--search-epochs", "2", "--views", "1",
+                  "--finetune-epochs", "1"],
+         "analyze": ["--image-size", "64", "--folds", "2", "--search-epochs", "3"]}
 # Lines that are Ray's, TensorFlow's or MLflow's internals: the console must not show them.
 INTERNALS = ("Execution plan", "RayTrainWorker", "Reporting training result", "Checkpoint successfully created",
              "oneDNN", "cuda", "INFO mlflow", "Starting execution of Dataset")
@@ -58,7 +61,7 @@ def fresh_clone(tmp_path):
 
 def test_readme_section_is_found():
     commands = readme_commands("Real paintings")
-    assert [shlex.split(c)[1] for c in commands] == ["catalog", "preview", "train"]
+    assert [shlex.split(c)[1] for c in commands] == ["catalog", "preview", "train", "tune", "analyze"]
 
 
 @requires_paintings
@@ -72,7 +75,14 @@ def test_real_paintings_commands_run_as_written(fresh_clone):
             assert_readable(out.stdout + out.stderr)
             run_dir = fresh_clone / "work" / "ray_results" / words[words.index("--name") + 1]
             assert list(run_dir.glob("checkpoint_*")), "checkpoints where the README says (relative to the clone)"
+        if words[1] == "tune":
+            assert "| 3 |" in out.stdout and "summary:" in out.stdout
+            assert_readable(out.stdout + out.stderr)
+        if words[1] == "analyze":
+            assert "cross-validated over" in out.stdout
     assert (fresh_clone / "work" / "wikiart3" / "samples.png").exists()
+    assert (fresh_clone / "work" / "ray_results" / "search3" / "summary.md").exists()
+    assert (fresh_clone / "work" / "wikiart3" / "analysis" / "confusion_matrix.png").exists()
 
 
 def test_demo_on_the_synthetic_set_names_its_painters(tmp_path):

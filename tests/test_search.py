@@ -180,8 +180,12 @@ def test_feature_cache_computes_once_and_serves_painter_subsets(painted, ray_loc
     assert len(data["train"].y) <= 3 * sub_train and set(data["train"].y) <= {0, 1}
     assert len(data["val"].y) + len(data["test"].y) <= sub.num_rows - sub_train
     assert data["train"].x.shape[1] == 16 and np.isfinite(data["train"].x).all()
-    # Augmented views differ from the centre crop; a different view count is another cache.
-    other = embeddings.ensure(manifest, job, str(tmp_path / "cache"), views=1)
+    # One more view computes that view of the training images only, in the same cache.
+    more = embeddings.ensure(manifest, job, str(tmp_path / "cache"), views=3)
+    assert more["directory"] == first["directory"] and 0 < more["computed"] <= n_train
+    assert more["reused"] == first["computed"] + first["undecodable"]
+    # Another image size is another cache.
+    other = embeddings.ensure(manifest, tiny_job(root, **{"data.image_size": "48"}), str(tmp_path / "cache"), views=0)
     assert other["directory"] != first["directory"] and other["computed"] > 0
 
 

@@ -21,17 +21,6 @@ from conftest import REPO, bad_files
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(autouse=True)
-def restore_mlflow_env():
-    """`mlflow.set_tracking_uri` also sets MLFLOW_TRACKING_URI, which artnet honours: keep tests apart."""
-    before = os.environ.get("MLFLOW_TRACKING_URI")
-    yield
-    if before is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = before
-
-
 @pytest.fixture(scope="module")
 def small_catalog(tmp_path_factory):
     """3 synthetic painters x 24 small paintings plus two bad files, catalogued 60/20/20."""

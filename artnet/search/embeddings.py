@@ -2,8 +2,8 @@
 s3://), so head-only search trials never run the CNN.
 
 The cache lives in `<cache>/<spec digest>/`, where the spec is everything that changes a feature vector:
-backbone, a checksum of its weights, width multiplier, input size, augmentation, number of augmented views
-and their seed. Inside, `features/` holds rows (image, view, features) with `image` = the manifest's
+backbone, a checksum of its weights, width multiplier, input size, augmentation and the views' seed (view v of
+an image is the same whatever number of views a request asks for). Inside, `features/` holds rows (image, view, features) with `image` = the manifest's
 `uri#row`. View 0 is the centre crop every split uses; views 1..K are seeded augmentations of training images.
 A request computes only the (image, view) pairs the cache lacks, so any manifest whose images are already there
 (a painter-count subset of a catalogued collection, a second sweep) computes nothing. Pairs whose image cannot
@@ -44,7 +44,6 @@ class EmbeddingSpec:
     weights: str  # sha256 of the weights file, or "imagenet@keras-<version>", or "none@seed-<seed>"
     alpha: float
     image_size: int
-    views: int
     seed: int
     augment: dict
     max_pixels: int
@@ -54,7 +53,7 @@ class EmbeddingSpec:
         return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
 
 
-def spec_of(job: JobConfig, views: int, seed: int) -> EmbeddingSpec:
+def spec_of(job: JobConfig, seed: int) -> EmbeddingSpec:
     """The spec of a resolved job (image size filled in, local paths absolute)."""
     import keras
 
@@ -66,7 +65,7 @@ def spec_of(job: JobConfig, views: int, seed: int) -> EmbeddingSpec:
     else:
         weights_id = backbones.sha256_of(backbones.fetch_weights(weights, job.model.weights_sha256))
     return EmbeddingSpec(backbone=job.model.backbone, weights=weights_id, alpha=job.model.alpha,
-                         image_size=job.data.image_size, views=views, seed=seed,
+                         image_size=job.data.image_size, seed=seed,
                          augment=dataclasses.asdict(job.data.augment), max_pixels=job.data.max_pixels)
 
 
@@ -98,7 +97,7 @@ def _cached(directory: str, columns: list[str], image_filter=None) -> pa.Table |
 def ensure(manifest: pa.Table, job: JobConfig, cache: str, views: int, seed: int = 0) -> dict:
     """Compute whatever (image, view) pairs of `manifest` the cache lacks. Returns where the features are
     and how many pairs were computed, reused and undecodable."""
-    spec = spec_of(job, views, seed)
+    spec = spec_of(job, seed)
     directory = storage.join(cache, spec.digest())
     if not storage.exists(storage.join(directory, SPEC_FILE)):
         storage.write_bytes(storage.join(directory, SPEC_FILE), json.dumps(dataclasses.asdict(spec), indent=2).encode())

@@ -78,28 +78,30 @@ def search_count(job: JobConfig, dims: list[Dimension], data: dict[str, Features
     from ray.air.integrations.mlflow import MLflowLoggerCallback
     from ray.tune.schedulers import ASHAScheduler
 
+    from artnet.track import tracking
     from artnet.train import trainer
 
     trainable = tune.with_resources(
         tune.with_parameters(head_trial, base=job, train=data["train"], val=data["val"], num_classes=num_classes),
         {"cpu": 1})
     where = storage.ray_storage(trainer.results_dir(job))
-    path = storage.join(trainer.results_dir(job), name)
-    if tune.Tuner.can_restore(where["storage_path"] + "/" + name, where.get("storage_filesystem")):
-        tuner = tune.Tuner.restore(where["storage_path"] + "/" + name, trainable, resume_errored=True,
+    experiment = f"{where['storage_path'].rstrip('/')}/{name}"
+    if tune.Tuner.can_restore(experiment, where.get("storage_filesystem")):
+        tuner = tune.Tuner.restore(experiment, trainable, resume_errored=True,
                                    storage_filesystem=where.get("storage_filesystem"))
-        console.log.info("resuming the search in %s", path)
+        console.log.info("resuming the search in %s", storage.join(trainer.results_dir(job), name))
     else:
         tuner = tune.Tuner(
             trainable, param_space=to_tune(dims),
             tune_config=tune.TuneConfig(
                 metric=job.search.metric, mode=job.search.mode, num_samples=job.search.samples,
-                scheduler=ASHAScheduler(max_t=job.search.epochs, grace_period=job.search.grace_epochs),
+                scheduler=ASHAScheduler(max_t=job.search.epochs,
+                                        grace_period=min(job.search.grace_epochs, job.search.epochs)),
                 search_alg=_search_algorithm(job), max_concurrent_trials=_concurrency(job)),
             run_config=tune.RunConfig(
                 name=name, verbose=1 if console.is_verbose() else 0, **where,
                 callbacks=[MLflowLoggerCallback(tracking_uri=uri, experiment_name=job.tracking.experiment,
-                                                tags={"mlflow.parentRunId": parent_run_id,
+                                                tags={tracking.PARENT_TAG: parent_run_id,
                                                       "artnet.painter_count": str(num_classes)})]))
     return tuner.fit()
 

@@ -45,7 +45,8 @@ def baselines(job, manifest, painters: list[str]) -> dict:
     logreg = override(resolved, {"model.head_depth": "0", "model.dropout": "0", "train.class_balance": "none",
                                  "train.label_smoothing": "0", "train.lr": "0.01", "search.epochs": "60"})
     clf = estimator.from_job(logreg).fit(data["train"].x, data["train"].y)
-    scores, _ = metrics.evaluate_logits(data["test"].y, clf.decision_function(data["test"].x), len(painters))
+    scores, _ = metrics.evaluate_logits(data["test"].y, np.log(clf.predict_proba(data["test"].x) + 1e-12),
+                                        len(painters))
     majority = np.bincount(data["train"].y).argmax()
     return {"majority": float(np.mean(data["test"].y == majority)),
             "frozen_features_logreg": scores["accuracy"],

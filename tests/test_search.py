@@ -255,3 +255,14 @@ def test_sweep_over_two_painter_counts(painted, ray_local, monkeypatch):
     # A second sweep over the same data computes no features.
     again = tune.sweep(override(job, {"name": "sweep2", "search.samples": "1"}), dims)
     assert again["features"]["computed"] == 0 and again["features"]["reused"] > 0
+
+
+def test_estimator_from_a_job_takes_its_head_and_training_settings():
+    from artnet.search import estimator
+
+    job = override(presets.preset("mobilenet"), {"model.head_depth": "2", "train.class_balance": "logit_adjust",
+                                                 "search.epochs": "7"})
+    clf = estimator.from_job(job)
+    model, train = clf.configs()
+    assert (model.head_depth, model.head_width, model.dropout) == (2, job.model.head_width, job.model.dropout)
+    assert (train.lr, train.class_balance, clf.epochs) == (job.train.lr, "logit_adjust", 7)

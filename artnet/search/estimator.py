@@ -74,3 +74,11 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):
     def predict(self, X) -> np.ndarray:
         logits = self._logits(X)  # checks that the estimator is fitted
         return self.classes_[np.argmax(logits, axis=1)]
+
+
+def from_job(job) -> HeadClassifier:
+    """The estimator with a job's head and training settings (its search.epochs as the epoch count)."""
+    return HeadClassifier(head_depth=job.model.head_depth, head_width=job.model.head_width,
+                          head_halving=job.model.head_halving, dropout=job.model.dropout, lr=job.train.lr,
+                          epochs=job.search.epochs, label_smoothing=job.train.label_smoothing,
+                          class_balance=job.train.class_balance, random_state=job.train.seed)

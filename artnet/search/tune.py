@@ -53,8 +53,11 @@ def _one_thread_per_trial() -> None:
 
 
 def _search_algorithm(job: JobConfig):
+    """Seeded, so a sweep is reproducible and random search draws the same candidates at every count."""
     if job.search.algorithm == "random":
-        return None  # Tune's default: random sampling of the space
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        return BasicVariantGenerator(random_state=job.train.seed)
     try:
         from ray.tune.search.optuna import OptunaSearch
     except ImportError:

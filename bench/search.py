@@ -5,7 +5,7 @@ Not tests: they take minutes on CPUs.
                                     # backbone every epoch (artnet train, phase 1 only), same head and epochs
     python bench/search.py sweep    # artnet tune over 3,5,10,27,47 painters (head search on cached features)
 
-Write bench/results/search_cost.json, and search_sweep.json + search_sweep.md + search_sweep.png.
+Write bench/results/search_cost.json, and search_sweep<tag>.json + .md + .png.
 """
 
 from __future__ import annotations
@@ -73,8 +73,8 @@ def sweep(args) -> dict:
         f"search.epochs={args.search_epochs}", f"search.finetune={args.finetune}", *args.set])
     start = time.time()
     result = tune.sweep(job, space.parse_space(space.space_entries([]), job))
-    shutil.copy(result["summary"][1], RESULTS / "search_sweep.md")
-    shutil.copy(result["summary"][3], RESULTS / "search_sweep.png")
+    shutil.copy(result["summary"][1], RESULTS / f"search_sweep{args.tag}.md")
+    shutil.copy(result["summary"][3], RESULTS / f"search_sweep{args.tag}.png")
     return {"rows": result["rows"], "features": {k: v for k, v in result["features"].items() if k != "spec"},
             "wall_s": round(time.time() - start, 1), "samples": args.samples, "views": args.views,
             "epochs": args.search_epochs, "space": space.DEFAULT_SPACE, "cpu_cores": os.cpu_count()}
@@ -91,12 +91,13 @@ def main() -> None:
     parser.add_argument("--views", type=int, default=2)
     parser.add_argument("--finetune", default="false")
     parser.add_argument("--name", default=f"sweep-{int(time.time())}")
+    parser.add_argument("--tag", default="", help="suffix of the result files, e.g. _finetune")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
     console.setup()
     out = cost(args) if args.what == "cost" else sweep(args)
     print(json.dumps(out, indent=2, default=str))
-    (RESULTS / f"search_{args.what}.json").write_text(json.dumps(out, indent=2, default=str) + "\n")
+    (RESULTS / f"search_{args.what}{args.tag}.json").write_text(json.dumps(out, indent=2, default=str) + "\n")
 
 
 if __name__ == "__main__":

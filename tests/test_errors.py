@@ -202,3 +202,10 @@ def test_job_paths_are_made_absolute_on_the_driver(tmp_path, monkeypatch):
 ])
 def test_settings_that_would_do_nothing_are_refused(one_line_error, setting, field):
     assert f"'{field}'" in one_line_error("train", "catalog", "--set", setting)
+
+
+def test_bad_search_space_fails_before_any_work(one_line_error):
+    line = one_line_error("tune", "catalog", "--space", "model.dropuot=uniform:0.1,0.5")
+    assert "'model.dropuot'" in line and "is not a config field" in line
+    line = one_line_error("tune", "catalog", "--space", "model.dropout=uniform:0.1,1.5")
+    assert "'model.dropout'" in line

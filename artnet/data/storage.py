@@ -112,11 +112,10 @@ def resolve(uri: str, settings: S3Settings | None = None) -> tuple[pafs.FileSyst
     """(filesystem, path inside it) for a local path, file:// or s3:// URI."""
     if is_s3(uri):
         return s3_filesystem(settings), uri[len("s3://"):].rstrip("/")
-    if uri.startswith("file://"):
-        uri = uri[len("file://"):]
-    if "://" in uri:
+    path = absolute(uri or ".")
+    if "://" in path:
         raise ValueError(f"unsupported storage URI {uri!r}: use a local path or s3://bucket/prefix")
-    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+    return pafs.LocalFileSystem(), path
 
 
 def to_uri(uri_like: str, path: str) -> str:

@@ -87,7 +87,7 @@ def requested(manifest: pa.Table, views: int) -> pa.Table:
 def _cached(directory: str, columns: list[str], image_filter=None) -> pa.Table | None:
     if not storage.exists(directory):
         return None
-    fs, path = storage.resolve(directory)
+    fs = storage.resolve(directory)[0]
     files = [i.path for i in storage.list_files(directory) if i.path.endswith(".parquet")]
     if not files:
         return None

@@ -40,7 +40,7 @@ def baselines(job, manifest, painters: list[str]) -> dict:
 
     resolved = trainer.resolve(job)
     console.init_ray()
-    cached = embeddings.ensure(manifest, resolved, str(Path(job.workdir) / "embeddings"), views=0)
+    cached = embeddings.ensure(manifest, resolved, embeddings.cache_of(resolved), views=0)
     data = embeddings.load(manifest, cached["directory"], 0)
     logreg = override(resolved, {"model.head_depth": "0", "model.dropout": "0", "train.class_balance": "none",
                                  "train.label_smoothing": "0", "train.lr": "0.01", "search.epochs": "60"})

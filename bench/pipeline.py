@@ -10,7 +10,6 @@ paintings and synthetic full-size (1500x1200) JPEGs made from them. Writes bench
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import subprocess

@@ -2,7 +2,6 @@ import threading
 from collections import Counter
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 
 from artnet.config import CatalogConfig, PipelineConfig

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import io
 import logging
 from collections import Counter, OrderedDict
 from concurrent.futures import ThreadPoolExecutor

@@ -25,8 +25,7 @@ def analyze(job: JobConfig, folds: int, out: str) -> dict:
     manifest, painters = catalog.load(job.catalog)
     job = trainer.resolve(job)
     console.init_ray()
-    cached = embeddings.ensure(manifest, job, job.search.cache or storage.join(job.workdir, "embeddings"), 0,
-                               job.train.seed)
+    cached = embeddings.ensure(manifest, job, embeddings.cache_of(job), 0, job.train.seed)
     data = embeddings.load(manifest, cached["directory"], 0)
     x = np.concatenate([data["train"].x, data["val"].x])
     y = np.concatenate([data["train"].y, data["val"].y])

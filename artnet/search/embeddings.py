@@ -69,6 +69,11 @@ def spec_of(job: JobConfig, seed: int) -> EmbeddingSpec:
                          augment=dataclasses.asdict(job.data.augment), max_pixels=job.data.max_pixels)
 
 
+def cache_of(job: JobConfig) -> str:
+    """The feature cache of a job: `search.cache`, else <workdir>/embeddings."""
+    return job.search.cache or storage.join(job.workdir, "embeddings")
+
+
 def image_ids(manifest: pa.Table) -> pa.Array:
     return pc.binary_join_element_wise(manifest["uri"], pc.cast(manifest["row"], pa.string()), "#")
 

@@ -37,8 +37,13 @@ def head_trial(config: dict, *, base: JobConfig, train: Features, val: Features,
     from ray import tune
 
     _one_thread_per_trial()
-    job = override(base, {field: str(value) for field, value in config.items()})
+    job = with_trial_config(base, config)
     fit_head(train, num_classes, job.model, job.train, job.search.epochs, val=val, on_epoch=tune.report)
+
+
+def with_trial_config(job: JobConfig, config: dict) -> JobConfig:
+    """The job with a trial's sampled `field -> value` pairs applied (validated like --set)."""
+    return override(job, {field: str(value) for field, value in config.items()})
 
 
 def _one_thread_per_trial() -> None:
@@ -143,7 +148,7 @@ def run_count(job: JobConfig, dims: list[Dimension], manifest, painters: list[st
     best, best_epoch = _best(results, job)
     trials = [r for r in results if r.metrics]
     stopped = sum(1 for r in trials if r.metrics.get("training_iteration", 0) < job.search.epochs)
-    chosen = override(job, {field: str(value) for field, value in best.config.items()})
+    chosen = with_trial_config(job, best.config)
     # The chosen config, retrained for its best epoch count; only now is the test split read, once.
     final = fit_head(data["train"], len(names), chosen.model, chosen.train, best_epoch, val=data["val"])
     test = embeddings.load(sub, features_dir, 0, splits=("test",))["test"]
@@ -191,9 +196,8 @@ def sweep(job: JobConfig, dims: list[Dimension]) -> dict:
                           f"use counts up to {len(painters)}, or catalogue more painters")
     job = trainer.resolve(job)
     console.init_ray()
-    cache = job.search.cache or storage.join(job.workdir, "embeddings")
     started = time.time()
-    cached = embeddings.ensure(manifest, job, cache, job.search.views, job.train.seed)
+    cached = embeddings.ensure(manifest, job, embeddings.cache_of(job), job.search.views, job.train.seed)
     console.log.info("features: %d computed, %d reused, %d undecodable (%.0f s) in %s", cached["computed"],
                      cached["reused"], cached["undecodable"], time.time() - started, cached["directory"])
     uri = tracking.tracking_uri(job)

@@ -1,5 +1,6 @@
-"""`artnet` command line: demo-data, catalog, preview, train, demo. Each command parses options into a config,
-validates it (failing before any cluster work, naming the field), then makes one call into the package.
+"""`artnet` command line: demo-data, catalog, preview, train, tune, analyze, promote, predict, demo. Each command
+parses options into a config, validates it (failing before any cluster work, naming the field), then makes one
+call into the package.
 A user error, wherever it was raised (driver, Ray Train worker, Ray Data task), ends as one `error: ...` line
 and exit status 2; tracebacks are for bugs, or for `--debug`."""
 
@@ -10,8 +11,11 @@ import os
 import sys
 import time
 
+import pyarrow as pa
+
 from artnet import console
-from artnet.config import AugmentConfig, CatalogConfig, ConfigError, JobConfig, PipelineConfig, override, replace
+from artnet.config import (AugmentConfig, CatalogConfig, ConfigError, JobConfig, PipelineConfig, RegistryConfig,
+                           override, replace)
 from artnet.data import catalog, demo_data, storage
 from artnet.errors import UserError, find_user_error
 
@@ -227,33 +231,96 @@ def demo(workdir: str, data: str | None = None, weights: str | None = None) -> d
     job = override(job, {"catalog": out, "workdir": workdir, "name": f"demo-{time.strftime('%Y%m%d-%H%M%S')}"})
     result = trainer.fit(job)
     print_result(result)
-    show_predictions(result, job, per_painter=2)
+    from artnet.serve import registry
+
+    cfg = RegistryConfig(model_name="artnet-demo", tracking_uri=result["tracking_uri"], workdir=workdir)
+    print("\n" + registry.promote(result["run_id"], cfg).line())
+    show_predictions(registry.champion_uri(cfg.model_name), result["tracking_uri"], out, per_painter=2)
     return result
 
 
-def show_predictions(result: dict, job: JobConfig, per_painter: int) -> list[dict]:
-    """Name the painter of a few test paintings with the model the job logged to MLflow."""
-    from artnet.serve import predict
+def show_predictions(model_uri: str, tracking_uri: str, catalog_dir: str, per_painter: int) -> pa.Table:
+    """Name the painter of a few test paintings with a logged or registered model."""
+    from artnet.serve import bundle, predict
 
-    manifest, painters = catalog.load(job.catalog)
+    manifest, painters = catalog.load(catalog_dir)
     test = sorted((row for row in manifest.to_pylist() if row["split"] == "test" and row["row"] < 0),
                   key=lambda row: row["key"])
     chosen = [row for p in painters for row in [r for r in test if r["painter"] == p][:per_painter]]
-    model = predict.load_model(result["model_uri"], result["tracking_uri"])
-    rows = predict.predict_uris(model, [r["uri"] for r in chosen], painters, job.data, k=1)
-    print("\na few test paintings, as the logged model sees them:")
+    table = predict.predict_here(bundle.load(model_uri, tracking_uri), [r["uri"] for r in chosen], k=1)
+    print(f"\na few test paintings, as {model_uri} sees them:")
     width = max(len(r["key"]) for r in chosen)
-    for truth, row in zip(chosen, rows):
-        if "error" in row:
+    for truth, row in zip(chosen, table.to_pylist()):
+        if row["error"]:
             print(f"  {truth['key']:<{width}}  unreadable: {row['error']}")
             continue
-        painter, probability = row["top_k"][0]
-        verdict = "right" if painter == truth["painter"] else f"wrong, painted by {truth['painter']}"
-        print(f"  {truth['key']:<{width}}  -> {painter} ({probability:.0%}) {verdict}")
-    return rows
+        verdict = "right" if row["painter"] == truth["painter"] else f"wrong, painted by {truth['painter']}"
+        unknown = " (flagged: unknown painter)" if row["unknown"] else ""
+        print(f"  {truth['key']:<{width}}  -> {row['painter']} ({row['probability']:.0%}) {verdict}{unknown}")
+    return table
+
+
+REGISTRY_FLAGS = ("model_name", "metric", "margin", "eval_catalog", "tracking_uri", "workdir")
+
+
+def add_registry_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model-name", help="registered model (default artnet)")
+    p.add_argument("--metric", help="promotion metric on the evaluation set (default balanced_accuracy)")
+    p.add_argument("--margin", type=float, help="how much the challenger must beat the champion by (default 0)")
+    p.add_argument("--eval-catalog", help="catalog whose test split is the frozen evaluation set (first promotion)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else WORKDIR/mlflow.db)")
+    p.add_argument("--workdir", help="where a local job kept mlflow.db (default ./work)")
+
+
+def registry_config(args: argparse.Namespace) -> RegistryConfig:
+    cfg = override(RegistryConfig(), {k: str(getattr(args, k)) for k in REGISTRY_FLAGS
+                                      if getattr(args, k, None) is not None})
+    cfg.validate()
+    return cfg
+
+
+def run_promote(args: argparse.Namespace) -> None:
+    from artnet.serve import registry
+
+    cfg = registry_config(args)
+    if args.rollback:
+        before, after = registry.rollback(cfg)
+        print(f"{cfg.model_name}: champion moved back from version {before} to version {after}")
+        return
+    if not args.run_id:
+        raise ConfigError("run_id", "is missing", "pass the MLflow run id of a finished `artnet train` job")
+    decision = registry.promote(args.run_id, cfg, dry_run=args.dry_run)
+    print(decision.line())
+    print(f"evaluated on the test split of {decision.eval_set}; champion: {registry.champion_uri(cfg.model_name)}")
+
+
+def run_predict(args: argparse.Namespace) -> None:
+    import json
+
+    from artnet.serve import predict
+    from artnet.track import tracking
+
+    if args.format == "parquet" and not args.out:
+        raise ConfigError("--out", "is missing for --format parquet", "name a folder or s3:// prefix for the rows")
+    if args.top_k < 1:
+        raise ConfigError("--top-k", f"is {args.top_k}", "use 1 or more")
+    uri = tracking.resolve_uri(args.tracking_uri or "", args.workdir or "work")
+    table = predict.predict(args.model, args.sources, k=args.top_k, tracking_uri=uri,
+                            out=args.out if args.format == "parquet" else None, use_gpu=args.use_gpu)
+    if table is None:
+        print(predict.summary(predict.read_predictions(args.out, ["error", "unknown"])))
+        print(f"wrote predictions under {args.out}")
+    elif args.format == "json":
+        for row in table.to_pylist():
+            print(json.dumps(row))
+    else:
+        print(predict.format_table(table))
+        print(predict.summary(table))
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from artnet.serve import predict
+
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--verbose", action="store_true", help="show Ray's, TensorFlow's and MLflow's own logs")
     common.add_argument("--debug", action="store_true", help="a traceback for user errors too")
@@ -297,6 +364,22 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_options(p)
     add_search_options(p)
 
+    p = command("promote", "register a run's model; it becomes champion if it beats the current one")
+    p.add_argument("run_id", nargs="?", help="MLflow run id of a finished `artnet train` job")
+    p.add_argument("--dry-run", action="store_true", help="evaluate and decide, change nothing")
+    p.add_argument("--rollback", action="store_true", help="move champion back to the version it replaced")
+    add_registry_options(p)
+
+    p = command("predict", "name the painters of images, folders or s3:// prefixes")
+    p.add_argument("sources", nargs="+", help="image files, folders or s3:// prefixes")
+    p.add_argument("--model", required=True, help="models:/NAME@champion, a run's model URI, or a model folder")
+    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--format", choices=predict.FORMATS, default="table")
+    p.add_argument("--out", help="folder or s3:// prefix for Parquet rows (--format parquet)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI for models:/ and runs:/ URIs")
+    p.add_argument("--workdir", help="where a local job kept mlflow.db (default ./work)")
+    p.add_argument("--use-gpu", action="store_true", help="one prediction actor per GPU")
+
     p = command("demo", "the whole flow, locally: on real paintings when --data and --weights are given")
     p.add_argument("--workdir", default="work/demo")
     p.add_argument("--data", default=os.environ.get("ARTNET_DATA") or None,
@@ -328,6 +411,10 @@ def run(args: argparse.Namespace) -> None:
 
         print(analyze.format_report(analyze.analyze(job_config(args), args.folds, args.out)))
         print(f"wrote {storage.join(args.out, 'report.json')} and {storage.join(args.out, 'confusion_matrix.png')}")
+    elif args.command == "promote":
+        run_promote(args)
+    elif args.command == "predict":
+        run_predict(args)
     elif args.command == "demo":
         demo(args.workdir, args.data, args.weights)
 

@@ -152,6 +152,9 @@ class TrainConfig:
     # Unbalanced painters: "weights" weighs each painting by 1/(its painter's share), "logit_adjust" trains
     # with log-prior offsets on the logits (Menon et al. 2021) so small painters are not argued away.
     class_balance: str = "none"
+    # "Unknown painter": the share of known painters' validation paintings whose calibrated confidence is
+    # allowed to fall below the threshold stored with the model (0 = never answer "unknown").
+    false_flag_rate: float = 0.1
 
     def validate(self) -> None:
         if self.head_epochs < 0 or self.finetune_epochs < 0 or self.head_epochs + self.finetune_epochs == 0:
@@ -172,6 +175,9 @@ class TrainConfig:
         if self.class_balance not in CLASS_BALANCES:
             raise ConfigError("train.class_balance", f"is {self.class_balance!r}",
                               f"use one of {', '.join(CLASS_BALANCES)}")
+        if not 0 <= self.false_flag_rate < 0.5:
+            raise ConfigError("train.false_flag_rate", f"is {self.false_flag_rate}",
+                              "use a share in [0, 0.5), e.g. 0.1 (0 turns the unknown-painter flag off)")
 
 
 @dataclass(frozen=True)
@@ -249,6 +255,30 @@ class SearchConfig:
             raise ConfigError("search.painter_counts", f"is {self.painter_counts}", "use counts of 2 or more painters")
         if self.max_concurrent < 0:
             raise ConfigError("search.max_concurrent", f"is {self.max_concurrent}", "use 0 (automatic) or more")
+
+
+PROMOTION_METRICS = ("balanced_accuracy", "accuracy", "macro_f1", "top3_accuracy")
+
+
+@dataclass(frozen=True)
+class RegistryConfig:
+    """`artnet promote`: which registered model, how a challenger is judged against the champion, on what."""
+
+    model_name: str = "artnet"
+    metric: str = "balanced_accuracy"  # on the frozen evaluation set (a catalog's test split)
+    margin: float = 0.0  # the challenger must beat the champion by more than this
+    eval_catalog: str = ""  # empty: the registered model's frozen set, else the challenger's own catalog
+    tracking_uri: str = ""  # empty: $MLFLOW_TRACKING_URI, else sqlite in workdir
+    workdir: str = "work"
+
+    def validate(self) -> None:
+        if not self.model_name or "/" in self.model_name or "@" in self.model_name:
+            raise ConfigError("registry.model_name", f"is {self.model_name!r}",
+                              "use a plain registered-model name, e.g. artnet-painters")
+        if self.metric not in PROMOTION_METRICS:
+            raise ConfigError("registry.metric", f"is {self.metric!r}", f"use one of {', '.join(PROMOTION_METRICS)}")
+        if not 0 <= self.margin < 1:
+            raise ConfigError("registry.margin", f"is {self.margin}", "use a score difference in [0, 1), e.g. 0.01")
 
 
 VAL_METRICS = ("val_loss", "val_accuracy", "val_balanced_accuracy", "val_macro_f1", "val_top3_accuracy")

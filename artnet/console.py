@@ -34,6 +34,9 @@ def setup(verbose: bool = False) -> None:
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "INFO" if verbose else "WARNING")  # read when mlflow is imported
     if not verbose:  # Tune's newer console output prints its experiment tables even at verbose=0
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+        # The driver's C++ core worker writes notices meant for Ray developers to stderr (e.g. that an actor's
+        # constructor arguments live in the object store); failures still surface as Python exceptions.
+        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter("%(message)s"))
     log.handlers[:] = [handler]

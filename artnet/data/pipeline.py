@@ -92,7 +92,7 @@ def _rng_for(key: str, seed: int | None) -> np.random.Generator:
 _io_pool: ThreadPoolExecutor | None = None
 
 
-def _fetch(uris: list[str], rows: list[int], settings: storage.S3Settings) -> list[bytes | Exception]:
+def fetch(uris: list[str], rows: list[int], settings: storage.S3Settings) -> list[bytes | Exception]:
     """The bytes of every image of a batch, or the error that stopped each. Object-store reads run concurrently
     (an S3 GET is tens of milliseconds of waiting); images inside Parquet go through the row-group cache."""
     global _io_pool
@@ -125,7 +125,7 @@ def load_images(batch: pa.Table, *, cfg: PipelineConfig, train: bool, settings: 
     uris, rows = batch["uri"].to_pylist(), batch["row"].to_pylist()
     images, labels, keys = [], [], []
     for key, uri, row, label, data in zip(batch["key"].to_pylist(), uris, rows, batch["label"].to_pylist(),
-                                          _fetch(uris, rows, settings)):
+                                          fetch(uris, rows, settings)):
         if isinstance(data, Exception):
             reason, detail = "unreadable", f"{type(data).__name__}: {data}"
         else:
@@ -197,6 +197,15 @@ def decode_rows(rows: pa.Table, cfg: PipelineConfig, *, augment: bool, shuffle: 
         fn_kwargs={"cfg": cfg, "train": augment, "settings": settings or storage.S3Settings.from_env(),
                    "bad_images": bad_images},
     )
+
+
+def inference_pool(use_gpu: bool):
+    """(actors, per-actor resources) for a model-in-an-actor stage (features, predictions): one actor per GPU,
+    else up to 4 CPU actors that leave at least one CPU to the decode tasks (a pool that takes every CPU
+    starves them, ray#44687)."""
+    gpus = int(ray.cluster_resources().get("GPU", 0)) if use_gpu else 0
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    return (gpus, {"num_gpus": 1}) if gpus else (max(1, min(4, cpus - 1)), {"num_cpus": 1})
 
 
 def shards(ds: ray.data.Dataset, n: int, *, equal: bool = True) -> list:

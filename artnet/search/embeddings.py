@@ -177,13 +177,9 @@ def _compute(missing: pa.Table, job: JobConfig, spec: EmbeddingSpec, folder: str
         if chosen.num_rows:
             parts.append(pipeline.decode_rows(chosen.drop_columns(["view"]), cfg, augment=augment))
     ds = parts[0] if len(parts) == 1 else parts[0].union(parts[1])
-    gpus = int(ray.cluster_resources().get("GPU", 0)) if job.scaling.use_gpu else 0
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    # An actor pool that takes every CPU starves the decode tasks (ray#44687): leave them at least one.
-    actors = gpus or max(1, min(4, cpus - 1))
+    actors, resources = pipeline.inference_pool(job.scaling.use_gpu)
     ds = ds.map_batches(Embedder, fn_constructor_kwargs={"job": job, "seed": spec.seed}, batch_size=EMBED_BATCH,
-                        batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
-                        **({"num_gpus": 1} if gpus else {"num_cpus": 1}))
+                        batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors), **resources)
     fs, path = storage.resolve(folder)
     ds.write_parquet(path, filesystem=fs)
 

@@ -23,11 +23,16 @@ PARENT_TAG = "mlflow.parentRunId"  # MLflow's own tag for nested runs
 
 
 def tracking_uri(job: JobConfig) -> str:
-    if job.tracking.tracking_uri:
-        return job.tracking.tracking_uri
+    return resolve_uri(job.tracking.tracking_uri, job.workdir)
+
+
+def resolve_uri(configured: str, workdir: str) -> str:
+    """The configured tracking URI, else $MLFLOW_TRACKING_URI, else sqlite in `workdir` (what a local job used)."""
+    if configured:
+        return configured
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    return f"sqlite:///{os.path.abspath(os.path.join(job.workdir, 'mlflow.db'))}"
+    return f"sqlite:///{os.path.abspath(os.path.join(workdir, 'mlflow.db'))}"
 
 
 def artifact_location(job: JobConfig, uri: str) -> str | None:
@@ -119,7 +124,9 @@ class WorkerRun:
         self.client.log_batch(self.run_id, metrics=values)
 
     def log_final(self, model, test: dict, cm: np.ndarray, painters: list[str], history: list[dict],
-                  size: int) -> None:
+                  size: int, model_metadata: dict) -> None:
+        """Test metrics, figures and reports, then the model with `model_metadata` (painter names,
+        calibration: see `serve.bundle`) in its MLmodel file."""
         import mlflow
         from mlflow.models import infer_signature
 
@@ -130,6 +137,8 @@ class WorkerRun:
                   for i, p in enumerate(painters)}
         for k, v in test.items():
             self.client.log_metric(self.run_id, f"test_{k}", float(v))
+        for k, v in model_metadata.get("artnet", {}).get("calibration", {}).items():
+            self.client.log_metric(self.run_id, f"calibration_{k}", float(v))
         with tempfile.TemporaryDirectory() as d:
             plots.confusion_matrix(cm, painters, os.path.join(d, "confusion_matrix.png"))
             plots.training_curves(history, os.path.join(d, "training_curves.png"))
@@ -143,7 +152,7 @@ class WorkerRun:
         example = np.zeros((1, size, size, 3), np.float32)
         signature = infer_signature(example, np.zeros((1, len(painters)), np.float32))
         with mlflow.start_run(run_id=self.run_id):
-            info = mlflow.keras.log_model(model, name="model", signature=signature)
+            info = mlflow.keras.log_model(model, name="model", signature=signature, metadata=model_metadata)
             mlflow.set_tag(MODEL_URI_TAG, info.model_uri)  # what the registry step will register
 
 

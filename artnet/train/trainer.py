@@ -23,6 +23,7 @@ from artnet import console, metrics
 from artnet.config import JobConfig
 from artnet.data import storage
 from artnet.model import backbones
+from artnet.serve import bundle
 from artnet.train import balance, schedule
 
 CHECKPOINT_STATE = "state.json"
@@ -129,6 +130,15 @@ def make_predict(model):
     import tensorflow as tf
 
     return tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+
+
+def collect_logits(predict, batches) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, logits) of a whole split: what calibration and the final scores are computed from."""
+    labels, logits = [], []
+    for batch in batches:
+        logits.append(predict(batch["image"].astype(np.float32)).numpy())
+        labels.append(batch["label"].astype(np.int64))
+    return np.concatenate(labels), np.concatenate(logits).astype(np.float64)
 
 
 def evaluate(predict, batches, num_classes: int) -> tuple[dict, np.ndarray]:
@@ -306,15 +316,35 @@ def worker_loop(config: dict) -> None:
         model.set_weights(best_weights)
     final = {"epoch": state.epoch, "done": True}
     if rank == 0:
-        test, cm = evaluate(predict, split_batches("test"), num_classes)
+        calibration, test, cm = _calibrate_and_test(predict, split_batches, num_classes, tcfg.false_flag_rate)
         final.update({f"test_{k}": v for k, v in test.items()})
-        run.log_final(model, test, cm, painters, state.history, size)
+        run.log_final(model, test, cm, painters, state.history, size,
+                      bundle.metadata(painters, size, job.model.backbone,
+                                      job.data.augment.standardize, calibration))
+        console.say(progress, f"calibration: temperature {calibration.temperature:.2f}, val ECE "
+                              f"{calibration.val_ece_before:.3f} -> {calibration.val_ece_after:.3f}, unknown below "
+                              f"{calibration.threshold:.2f} confidence ({tcfg.false_flag_rate:.0%} of val flagged)")
         console.say(progress, f"test: accuracy {test['accuracy']:.3f}, top-3 {test['top3_accuracy']:.3f}, "
                               f"balanced {test['balanced_accuracy']:.3f}, macro-F1 {test['macro_f1']:.3f} "
                               f"on {test['images']} images")
     # A re-run of a finished job trains no epoch: it keeps the optimizer state it was given.
     values = [v.numpy() for v in optimizer.variables] if optimizer is not None else optimizer_values
     _report(final, rank, model, values, best_weights, state, save_model=True)
+
+
+def _calibrate_and_test(predict, split_batches, num_classes: int, false_flag_rate: float):
+    """Temperature and unknown-painter threshold fitted on validation; test scored once, with its ECE before and
+    after scaling (test plays no part in the fit)."""
+    from artnet.serve import calibration as calib
+
+    val_labels, val_logits = collect_logits(predict, split_batches("val"))
+    fitted = calib.calibrate(val_logits, val_labels, false_flag_rate)
+    test_labels, test_logits = collect_logits(predict, split_batches("test"))
+    test, cm = metrics.evaluate_logits(test_labels, test_logits, num_classes)
+    test["ece_before"] = calib.expected_calibration_error(metrics.softmax(test_logits), test_labels)
+    test["ece_after"] = calib.expected_calibration_error(fitted.probabilities(test_logits), test_labels)
+    test["unknown_flagged"] = float(fitted.unknown(fitted.probabilities(test_logits)).mean())
+    return fitted, test, cm
 
 
 # ---------------------------------------------------------------------------------------------- driver

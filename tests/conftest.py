@@ -87,6 +87,32 @@ def write_folder_set(root: Path, painters: dict[str, int], extra: dict[str, dict
             (folder / fname).write_bytes(data)
 
 
+def write_small_catalog(root: Path) -> str:
+    """3 synthetic painters x 24 small paintings plus two bad files, catalogued 60/20/20 under `root/catalog`."""
+    from artnet.config import CatalogConfig
+    from artnet.data import catalog, demo_data
+
+    demo_data.write_demo_set(str(root / "data"), painters=3, per_painter=24, size=64)
+    first = sorted((root / "data").iterdir())[0]
+    for name in ("truncated.jpg", "zero_byte.jpg"):
+        (first / name).write_bytes(bad_files()[name])
+    out = str(root / "catalog")
+    cat = catalog.build(CatalogConfig(source=str(root / "data"), split=(0.6, 0.2, 0.2), seed=1))
+    catalog.write(cat, out, CatalogConfig(source=str(root / "data")))
+    return out
+
+
+def tiny_job(catalog_dir, workdir, name, **sets):
+    """A job that trains the tiny backbone on 32-px images in seconds; `section__field=value` overrides."""
+    from artnet import presets
+    from artnet.config import override
+
+    base = {"catalog": catalog_dir, "workdir": str(workdir), "name": name, "data.image_size": "32",
+            "train.head_epochs": "2", "train.finetune_epochs": "1", "train.batch_size": "8", "train.patience": "0",
+            "data.decode_batch": "16"}
+    return override(presets.preset("demo"), {**base, **{k.replace("__", "."): str(v) for k, v in sets.items()}})
+
+
 @pytest.fixture(autouse=True)
 def restore_mlflow_env():
     """`mlflow.set_tracking_uri` (called by artnet's model loading and by Tune's MLflow callback) also sets
@@ -143,3 +169,42 @@ def ray_local(s3_endpoint):
     ctx.enable_progress_bars = False
     yield ray
     ray.shutdown()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on loopback (sqlite behind it, artifacts proxied over HTTP): what a cluster's
+    nodes share instead of one machine's sqlite file."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+         "--artifacts-destination", str(root / "artifacts")],
+        stdout=open(root / "server.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"{uri}/health", timeout=2)
+            break
+        except OSError:
+            if server.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
+            time.sleep(0.5)
+    yield uri
+    server.terminate()
+    server.wait(timeout=30)

@@ -16,6 +16,7 @@ from artnet.config import ConfigError
 from artnet.data import demo_data
 from artnet.data.transforms import BadImage
 from artnet.errors import UserError, find_user_error
+from conftest import free_port
 
 
 @pytest.mark.parametrize("error", [ConfigError("train.lr", "is 5", "use 1e-3"),
@@ -57,12 +58,6 @@ def test_user_error_from_a_ray_train_worker_is_found_intact(ray_local, tmp_path)
         trainer.fit()
     found = find_user_error(caught.value)
     assert type(found) is UserError and str(found) == "s3://b/k: access denied. Fix: check the credentials"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -127,15 +122,15 @@ def test_unreadable_and_mismatched_weights(one_line_error, tmp_path, catalog_dir
 
 def test_imagenet_weights_that_cannot_be_downloaded(one_line_error, tmp_path, catalog_dir, monkeypatch):
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras-cache"))  # nothing cached
-    monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{_free_port()}")  # and no way out, online or not
-    monkeypatch.setenv("https_proxy", f"http://127.0.0.1:{_free_port()}")
+    monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{free_port()}")  # and no way out, online or not
+    monkeypatch.setenv("https_proxy", f"http://127.0.0.1:{free_port()}")
     line = one_line_error("train", catalog_dir, "--backbone", "mobilenet_v2", "--image-size", "32",
                           "--weights", "imagenet")
     assert "ImageNet weights for mobilenet_v2 could not be downloaded" in line and "--weights FILE|s3://" in line
 
 
 def test_unreachable_object_store(one_line_error, monkeypatch):
-    endpoint = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
     line = one_line_error("catalog", "s3://paintings/wikiart", "--out", "o")
     assert f"cannot reach the object store at {endpoint}" in line and "AWS_ENDPOINT_URL" in line
@@ -146,7 +141,7 @@ def test_unreachable_object_store(one_line_error, monkeypatch):
 @pytest.fixture
 def s3_with_auth(monkeypatch):
     """A second loopback S3 endpoint that checks credentials (the session's moto server accepts any)."""
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
                               env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"},
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

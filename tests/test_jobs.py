@@ -3,7 +3,6 @@ Run in its own pytest process (marker `cluster`), apart from the local Ray insta
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,16 +11,10 @@ from pathlib import Path
 import pytest
 
 from artnet.data import demo_data
-from conftest import REPO
+from conftest import REPO, free_port
 
 pytestmark = pytest.mark.cluster
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

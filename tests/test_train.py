@@ -12,34 +12,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from artnet import cli, presets
-from artnet.config import CatalogConfig, override
-from artnet.data import catalog, demo_data
+from artnet import cli
+from artnet.config import override
+from artnet.data import catalog
 from artnet.train import trainer
-from conftest import REPO, bad_files
+from conftest import REPO, write_small_catalog
+from conftest import tiny_job as job_for
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def small_catalog(tmp_path_factory):
-    """3 synthetic painters x 24 small paintings plus two bad files, catalogued 60/20/20."""
-    root = tmp_path_factory.mktemp("paintings")
-    demo_data.write_demo_set(str(root / "data"), painters=3, per_painter=24, size=64)
-    first = sorted((root / "data").iterdir())[0]
-    for name in ("truncated.jpg", "zero_byte.jpg"):
-        (first / name).write_bytes(bad_files()[name])
-    out = str(root / "catalog")
-    cat = catalog.build(CatalogConfig(source=str(root / "data"), split=(0.6, 0.2, 0.2), seed=1))
-    catalog.write(cat, out, CatalogConfig(source=str(root / "data")))
-    return out
-
-
-def job_for(catalog_dir, workdir, name, **sets):
-    base = {"catalog": catalog_dir, "workdir": str(workdir), "name": name, "data.image_size": "32",
-            "train.head_epochs": "2", "train.finetune_epochs": "1", "train.batch_size": "8", "train.patience": "0",
-            "data.decode_batch": "16"}
-    return override(presets.preset("demo"), {**base, **{k.replace("__", "."): str(v) for k, v in sets.items()}})
+    return write_small_catalog(tmp_path_factory.mktemp("paintings"))
 
 
 def mlflow_client(result):

@@ -105,6 +105,7 @@ def stream(model_uri: str, tracking_uri: str | None, rows: pa.Table, k: int, use
     pipeline.configure_data_context()
     ds = ray.data.from_arrow([rows.slice(i, PREDICT_BATCH) for i in range(0, rows.num_rows, PREDICT_BATCH)])
     actors, resources = pipeline.inference_pool(use_gpu)
+    actors = max(1, min(actors, -(-rows.num_rows // PREDICT_BATCH)))  # no more actors than batches
     return ds.map_batches(Predictor, batch_size=PREDICT_BATCH, batch_format="pyarrow",
                           compute=ray.data.ActorPoolStrategy(size=actors), **resources,
                           fn_constructor_kwargs={"model_uri": model_uri, "tracking_uri": tracking_uri, "k": k,

@@ -195,17 +195,17 @@ def promote(run_id: str, cfg: RegistryConfig, dry_run: bool = False) -> Decision
         return _decide(cfg, challenger, champion and _champion_entry(client, cfg, champion, uri, eval_set),
                        eval_set, dry_run=True)
     version = _register(client, cfg.model_name, run, source)
-    challenger = {"version": version.version, "scores": _scores_of(client, cfg.model_name, version, uri, eval_set)}
+    challenger = {"version": str(version.version), "scores": _scores_of(client, cfg.model_name, version, uri, eval_set)}
     for _ in range(RETRIES):
         champion = _champion(client, cfg.model_name)
         entry = champion and _champion_entry(client, cfg, champion, uri, eval_set)
         decision = _decide(cfg, challenger, entry, eval_set)
-        if decision.promoted and _champion_version(client, cfg.model_name) != (champion and champion.version):
+        if decision.promoted and _champion_version(client, cfg.model_name) != (entry and entry["version"]):
             continue  # another promotion moved the alias meanwhile: compare against its champion
         _record(client, cfg.model_name, version.version, decision)
         if decision.promoted:
             if champion:
-                client.set_model_version_tag(cfg.model_name, version.version, PREVIOUS_TAG, champion.version)
+                client.set_model_version_tag(cfg.model_name, version.version, PREVIOUS_TAG, str(champion.version))
             client.set_registered_model_alias(cfg.model_name, CHAMPION, version.version)
         return decision
     raise UserError(cfg.model_name, f"the champion alias kept moving during {RETRIES} comparisons",
@@ -213,12 +213,12 @@ def promote(run_id: str, cfg: RegistryConfig, dry_run: bool = False) -> Decision
 
 
 def _champion_entry(client, cfg: RegistryConfig, champion, uri: str, eval_set: EvalSet) -> dict:
-    return {"version": champion.version, "scores": _scores_of(client, cfg.model_name, champion, uri, eval_set)}
+    return {"version": str(champion.version), "scores": _scores_of(client, cfg.model_name, champion, uri, eval_set)}
 
 
 def _champion_version(client, name: str) -> str | None:
     found = _champion(client, name)
-    return found.version if found else None
+    return str(found.version) if found else None
 
 
 def _decide(cfg: RegistryConfig, challenger: dict, champion: dict | None, eval_set: EvalSet,
@@ -260,7 +260,7 @@ def rollback(cfg: RegistryConfig) -> tuple[str, str]:
     client.set_registered_model_alias(cfg.model_name, CHAMPION, previous)
     client.set_model_version_tag(cfg.model_name, current.version, "artnet.rolled_back",
                                  time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-    return current.version, previous
+    return str(current.version), previous
 
 
 def champion_uri(name: str) -> str:

@@ -144,7 +144,9 @@ def _register(client, name: str, run, source: str):
     tags = {k: v for k, v in run.data.tags.items() if k in keep}
     tags.update({f"metric.{k}": str(v) for k, v in run.data.metrics.items()
                  if k.startswith("test_") or k.startswith("calibration_")})
-    return client.create_model_version(name, source, run_id=run.info.run_id, tags=tags)
+    # An MLflow 3 logged model (`models:/m-...`) is registered by its id (a tracking server insists).
+    model_id = source[len("models:/"):] if source.startswith("models:/m-") else None
+    return client.create_model_version(name, source, run_id=run.info.run_id, tags=tags, model_id=model_id)
 
 
 def _champion(client, name: str):

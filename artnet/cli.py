@@ -241,7 +241,8 @@ def demo(workdir: str, data: str | None = None, weights: str | None = None) -> d
 
 def show_predictions(model_uri: str, tracking_uri: str, catalog_dir: str, per_painter: int) -> pa.Table:
     """Name the painter of a few test paintings with a logged or registered model."""
-    from artnet.serve import bundle, predict
+    from artnet.model import bundle
+    from artnet.serve import predict
 
     manifest, painters = catalog.load(catalog_dir)
     test = sorted((row for row in manifest.to_pylist() if row["split"] == "test" and row["row"] < 0),
@@ -288,7 +289,7 @@ def run_promote(args: argparse.Namespace) -> None:
         print(f"{cfg.model_name}: champion moved back from version {before} to version {after}")
         return
     if not args.run_id:
-        raise ConfigError("run_id", "is missing", "pass the MLflow run id of a finished `artnet train` job")
+        raise ConfigError("RUN", "is missing", "pass the run id or job name of a finished `artnet train`")
     decision = registry.promote(args.run_id, cfg, dry_run=args.dry_run)
     print(decision.line())
     print(f"evaluated on the test split of {decision.eval_set}; champion: {registry.champion_uri(cfg.model_name)}")
@@ -306,8 +307,9 @@ def run_predict(args: argparse.Namespace) -> None:
         raise ConfigError("--top-k", f"is {args.top_k}", "use 1 or more")
     uri = tracking.resolve_uri(args.tracking_uri or "", args.workdir or "work")
     table = predict.predict(args.model, args.sources, k=args.top_k, tracking_uri=uri,
-                            out=args.out if args.format == "parquet" else None, use_gpu=args.use_gpu)
-    if table is None:
+                            out=args.out if args.format == "parquet" else None, use_gpu=args.use_gpu,
+                            explain=args.explain)
+    if args.format == "parquet":
         print(predict.summary(predict.read_predictions(args.out, ["error", "unknown"])))
         print(f"wrote predictions under {args.out}")
     elif args.format == "json":
@@ -316,6 +318,8 @@ def run_predict(args: argparse.Namespace) -> None:
     else:
         print(predict.format_table(table))
         print(predict.summary(table))
+    if args.explain:
+        print(f"Grad-CAM maps: {args.explain}/<image>.gradcam.png")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -365,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_search_options(p)
 
     p = command("promote", "register a run's model; it becomes champion if it beats the current one")
-    p.add_argument("run_id", nargs="?", help="MLflow run id of a finished `artnet train` job")
+    p.add_argument("run_id", nargs="?", metavar="RUN", help="run id or job --name of a finished `artnet train`")
     p.add_argument("--dry-run", action="store_true", help="evaluate and decide, change nothing")
     p.add_argument("--rollback", action="store_true", help="move champion back to the version it replaced")
     add_registry_options(p)
@@ -379,6 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", help="MLflow tracking URI for models:/ and runs:/ URIs")
     p.add_argument("--workdir", help="where a local job kept mlflow.db (default ./work)")
     p.add_argument("--use-gpu", action="store_true", help="one prediction actor per GPU")
+    p.add_argument("--explain", metavar="DIR", help="write a Grad-CAM heatmap PNG per image here (files only)")
 
     p = command("demo", "the whole flow, locally: on real paintings when --data and --weights are given")
     p.add_argument("--workdir", default="work/demo")

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from artnet.serve import calibration as calib
+from artnet.model import calibration as calib
 
 
 def sampled(n: int, classes: int, sharpness: float, seed: int = 0):

@@ -61,7 +61,8 @@ def fresh_clone(tmp_path):
 
 def test_readme_section_is_found():
     commands = readme_commands("Real paintings")
-    assert [shlex.split(c)[1] for c in commands] == ["catalog", "preview", "train", "tune", "analyze"]
+    assert [shlex.split(c)[1] for c in commands] == ["catalog", "preview", "train", "tune", "analyze", "promote",
+                                                     "predict", "predict"]
 
 
 @requires_paintings
@@ -80,9 +81,17 @@ def test_real_paintings_commands_run_as_written(fresh_clone):
             assert_readable(out.stdout + out.stderr)
         if words[1] == "analyze":
             assert "cross-validated over" in out.stdout
+        if words[1] == "promote":
+            assert "is now champion (first champion)" in out.stdout
+        if words[1] == "predict" and "--out" not in words:
+            assert "Vincent_van_Gogh_1.jpg" in out.stdout and "1 answered" in out.stdout
+        if words[1] == "predict" and "--out" in words:  # a painter the model never saw: some flagged unknown
+            assert re.search(r"(\d+) images: \1 answered \([1-9]\d* unknown painter\), 0 unreadable", out.stdout), out.stdout
+            assert_readable(out.stdout + out.stderr)
     assert (fresh_clone / "work" / "wikiart3" / "samples.png").exists()
     assert (fresh_clone / "work" / "ray_results" / "search3" / "summary.md").exists()
     assert (fresh_clone / "work" / "wikiart3" / "analysis" / "confusion_matrix.png").exists()
+    assert list((fresh_clone / "work" / "predictions" / "sisley").glob("*.parquet"))
 
 
 def test_demo_on_the_synthetic_set_names_its_painters(tmp_path):

@@ -13,7 +13,8 @@ from artnet import cli
 from artnet.config import RegistryConfig
 from artnet.data import catalog, storage
 from artnet.errors import UserError
-from artnet.serve import bundle, predict, registry
+from artnet.model import bundle
+from artnet.serve import predict, registry
 from artnet.train import trainer
 from conftest import bad_files, jpeg_bytes, painting, tiny_job, write_small_catalog
 

@@ -2,7 +2,7 @@
 
 A few files are answered in this process. Folders and `s3://` prefixes go through Ray Data: rows of (uri, row)
 stream into an actor pool where the model is loaded once per actor, each batch is read, decoded and answered,
-and the rows stream out to Parquet. The model is a `serve.bundle.ModelBundle`: its painter names and
+and the rows stream out to Parquet. The model is a `model.bundle.ModelBundle`: its painter names and
 calibration come with it. Unreadable images become rows with an error, never a crash.
 """
 
@@ -13,7 +13,7 @@ import pyarrow as pa
 
 from artnet.config import PipelineConfig
 from artnet.data import storage, transforms
-from artnet.serve import bundle as bundle_lib
+from artnet.model import bundle as bundle_lib
 
 FORMATS = ("table", "json", "parquet")
 IN_PROCESS_MAX = 32  # more files than this (or any folder) go through Ray Data
@@ -122,21 +122,56 @@ def predict_here(model: bundle_lib.ModelBundle, uris: list[str], k: int) -> pa.T
     return pa.Table.from_pylist(predict_images(model, uris, rows, data, k, PipelineConfig.max_pixels), schema=SCHEMA)
 
 
+def explain_files(model: bundle_lib.ModelBundle, table: pa.Table, out: str) -> list[str]:
+    """A Grad-CAM PNG per answered image of `table` under `out`: the regions that drove its painter."""
+    import io
+
+    from PIL import Image
+
+    from artnet.data import pipeline
+    from artnet.model import explain
+
+    answered = [row for row in table.to_pylist() if not row["error"]]
+    if not answered:
+        return []
+    uris = [row["uri"] for row in answered]
+    data = pipeline.fetch(uris, [-1] * len(uris), storage.S3Settings.from_env())
+    images = np.stack([model.preprocess(item, PipelineConfig.max_pixels) for item in data])
+    overlays, _ = explain.explained(model.model, images, np.array([model.painters.index(r["painter"]) for r in answered]))
+    written = []
+    for uri, picture in zip(uris, overlays):
+        target = storage.join(storage.absolute(out), uri.rstrip("/").rsplit("/", 1)[-1].rsplit(".", 1)[0] + ".gradcam.png")
+        buffer = io.BytesIO()
+        Image.fromarray(picture).save(buffer, "PNG")
+        storage.write_bytes(target, buffer.getvalue())
+        written.append(target)
+    return written
+
+
 def predict(model_uri: str, sources: list[str], *, k: int = 3, tracking_uri: str | None = None,
-            out: str | None = None, use_gpu: bool = False) -> pa.Table | None:
+            out: str | None = None, use_gpu: bool = False, explain: str | None = None) -> pa.Table | None:
     """Predictions for files, folders or prefixes: returned as a table, or written as Parquet under `out`
-    (returning None: a bucket's worth of rows streams to storage without passing through the driver). A few
-    files are answered here; more, or any folder, stream through Ray Data."""
+    (then None from Ray Data: a bucket's worth of rows streams to storage without passing the driver). A few
+    files are answered here; more, or any folder, stream through Ray Data. `explain`: a folder for a Grad-CAM
+    PNG per image (files answered here only)."""
     import pyarrow.parquet as pq
 
+    from artnet.config import ConfigError
+
     uris, any_folder = list_sources(sources)
-    if not any_folder and len(uris) <= IN_PROCESS_MAX:
-        table = predict_here(bundle_lib.load(model_uri, tracking_uri), uris, k)
+    in_process = not any_folder and len(uris) <= IN_PROCESS_MAX
+    if explain and not in_process:
+        raise ConfigError("--explain", f"works on up to {IN_PROCESS_MAX} image files, not on folders or prefixes",
+                          "name the files to explain")
+    if in_process:
+        model = bundle_lib.load(model_uri, tracking_uri)
+        table = predict_here(model, uris, k)
+        if explain:
+            explain_files(model, table, explain)
         if out:
             fs, path = storage.resolve(storage.absolute(out))
             fs.create_dir(path, recursive=True)
             pq.write_table(table, f"{path}/predictions.parquet", filesystem=fs)
-            return None
         return table
     ds = stream(model_uri, tracking_uri, rows_of(uris), k, use_gpu)
     if out:

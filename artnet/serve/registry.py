@@ -23,7 +23,8 @@ from artnet import metrics
 from artnet.config import RegistryConfig
 from artnet.data import catalog, storage
 from artnet.errors import UserError
-from artnet.serve import bundle, predict
+from artnet.model import bundle
+from artnet.serve import predict
 from artnet.track import tracking
 
 CHAMPION = "champion"
@@ -170,15 +171,35 @@ def _scores_of(client, name: str, version, tracking_uri: str, eval_set: EvalSet)
     return found
 
 
-def promote(run_id: str, cfg: RegistryConfig, dry_run: bool = False) -> Decision:
-    """Register run `run_id`'s model as a new version and make it champion if it beats the current one by more
-    than `cfg.margin` on the frozen evaluation set. With `dry_run` nothing is registered or moved."""
+def find_run(client, run: str):
+    """A run by id, or the latest finished run of the job named `run` (what `artnet train --name` set)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_run(run)
+    except MlflowException:
+        pass
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    found = client.search_runs(experiments, filter_string=f"tags.`{tracking.JOB_TAG}` = '{run}' and "
+                               "attributes.status = 'FINISHED'", order_by=["attributes.start_time DESC"],
+                               max_results=1) if experiments else []
+    if not found:
+        raise UserError(run, "is neither a run id nor the name of a finished job in this tracking store",
+                        "pass the run id or --name printed by `artnet train` (and its --tracking-uri/--workdir)")
+    return found[0]
+
+
+def promote(run: str, cfg: RegistryConfig, dry_run: bool = False) -> Decision:
+    """Register the model of `run` (a run id or a job name) as a new version and make it champion if it beats
+    the current one by more than `cfg.margin` on the frozen evaluation set. With `dry_run` nothing is registered
+    or moved."""
     cfg.validate()
     client, uri = client_for(cfg)
-    run = client.get_run(run_id)
+    run = find_run(client, run)
     source = run.data.tags.get(tracking.MODEL_URI_TAG)
     if not source:
-        raise UserError(f"run {run_id}", "logged no model (it did not finish?)", "promote a finished training run")
+        raise UserError(f"run {run.info.run_id}", "logged no model (it did not finish?)",
+                        "promote a finished training run")
     if dry_run:
         from mlflow.exceptions import MlflowException
 
@@ -190,7 +211,7 @@ def promote(run_id: str, cfg: RegistryConfig, dry_run: bool = False) -> Decision
         eval_set = load_eval_set(frozen or storage.absolute(cfg.eval_catalog or run.data.params["catalog"]))
     else:
         _, eval_set = _registered_model(client, cfg, run.data.params["catalog"])
-    _check_painters(f"run {run_id}", bundle.read_metadata(source)["painters"], eval_set, cfg.model_name)
+    _check_painters(f"run {run.info.run_id}", bundle.read_metadata(source)["painters"], eval_set, cfg.model_name)
     if dry_run:
         challenger = {"version": None, "scores": score(source, uri, eval_set)}
         champion = _champion(client, cfg.model_name)

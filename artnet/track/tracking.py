@@ -124,9 +124,10 @@ class WorkerRun:
         self.client.log_batch(self.run_id, metrics=values)
 
     def log_final(self, model, test: dict, cm: np.ndarray, painters: list[str], history: list[dict],
-                  size: int, model_metadata: dict) -> None:
-        """Test metrics, figures and reports, then the model with `model_metadata` (painter names,
-        calibration: see `serve.bundle`) in its MLmodel file."""
+                  size: int, model_metadata: dict, examples: tuple[np.ndarray, np.ndarray]) -> None:
+        """Test metrics, figures and reports (`examples`: test images and labels shown with their Grad-CAM
+        maps), then the model with `model_metadata` (painter names, calibration: see `model.bundle`) in its
+        MLmodel file."""
         import mlflow
         from mlflow.models import infer_signature
 
@@ -142,11 +143,13 @@ class WorkerRun:
         with tempfile.TemporaryDirectory() as d:
             plots.confusion_matrix(cm, painters, os.path.join(d, "confusion_matrix.png"))
             plots.training_curves(history, os.path.join(d, "training_curves.png"))
+            explained_grid(model, *examples, painters, os.path.join(d, "gradcam_test.png"))
             with open(os.path.join(d, "per_painter.json"), "w") as f:
                 json.dump(report, f, indent=2)
             with open(os.path.join(d, "history.json"), "w") as f:
                 json.dump(history, f, indent=2)
-            for name in ("confusion_matrix.png", "training_curves.png", "per_painter.json", "history.json"):
+            for name in ("confusion_matrix.png", "training_curves.png", "gradcam_test.png", "per_painter.json",
+                         "history.json"):
                 self.client.log_artifact(self.run_id, os.path.join(d, name))
         mlflow.set_tracking_uri(self.uri)
         example = np.zeros((1, size, size, 3), np.float32)
@@ -154,6 +157,15 @@ class WorkerRun:
         with mlflow.start_run(run_id=self.run_id):
             info = mlflow.keras.log_model(model, name="model", signature=signature, metadata=model_metadata)
             mlflow.set_tag(MODEL_URI_TAG, info.model_uri)  # what the registry step will register
+
+
+def explained_grid(model, images: np.ndarray, labels: np.ndarray, painters: list[str], path: str) -> None:
+    """Test paintings with their Grad-CAM maps, titled "painter -> answer"."""
+    from artnet.model import explain
+
+    overlays, chosen = explain.explained(model, images)
+    titles = [f"{painters[t]} -> {painters[c]}" for t, c in zip(labels, chosen)]
+    plots.image_grid(np.stack(overlays) if overlays else images, titles, path)
 
 
 def log_files(uri: str, run_id: str, files: list[str]) -> None:

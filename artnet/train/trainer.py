@@ -23,10 +23,11 @@ from artnet import console, metrics
 from artnet.config import JobConfig
 from artnet.data import storage
 from artnet.model import backbones
-from artnet.serve import bundle
+from artnet.model import bundle
 from artnet.train import balance, schedule
 
 CHECKPOINT_STATE = "state.json"
+EXPLAINED_EXAMPLES = 12  # test paintings shown with their Grad-CAM maps in the MLflow run
 
 
 @dataclass
@@ -132,13 +133,17 @@ def make_predict(model):
     return tf.function(lambda x: model(x, training=False), reduce_retracing=True)
 
 
-def collect_logits(predict, batches) -> tuple[np.ndarray, np.ndarray]:
-    """(labels, logits) of a whole split: what calibration and the final scores are computed from."""
-    labels, logits = [], []
+def collect_logits(predict, batches, keep: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(labels, logits, the first `keep` images) of a whole split: what calibration, the final scores and the
+    explained examples come from."""
+    labels, logits, kept = [], [], []
     for batch in batches:
         logits.append(predict(batch["image"].astype(np.float32)).numpy())
         labels.append(batch["label"].astype(np.int64))
-    return np.concatenate(labels), np.concatenate(logits).astype(np.float64)
+        if sum(map(len, kept)) < keep:
+            kept.append(batch["image"][:keep - sum(map(len, kept))])
+    images = np.concatenate(kept) if kept else np.zeros((0, 1, 1, 3), np.uint8)
+    return np.concatenate(labels), np.concatenate(logits).astype(np.float64), images
 
 
 def evaluate(predict, batches, num_classes: int) -> tuple[dict, np.ndarray]:
@@ -316,11 +321,12 @@ def worker_loop(config: dict) -> None:
         model.set_weights(best_weights)
     final = {"epoch": state.epoch, "done": True}
     if rank == 0:
-        calibration, test, cm = _calibrate_and_test(predict, split_batches, num_classes, tcfg.false_flag_rate)
+        calibration, test, cm, examples = _calibrate_and_test(predict, split_batches, num_classes,
+                                                              tcfg.false_flag_rate)
         final.update({f"test_{k}": v for k, v in test.items()})
         run.log_final(model, test, cm, painters, state.history, size,
-                      bundle.metadata(painters, size, job.model.backbone,
-                                      job.data.augment.standardize, calibration))
+                      bundle.metadata(painters, size, job.model.backbone, job.data.augment.standardize, calibration),
+                      examples)
         console.say(progress, f"calibration: temperature {calibration.temperature:.2f}, val ECE "
                               f"{calibration.val_ece_before:.3f} -> {calibration.val_ece_after:.3f}, unknown below "
                               f"{calibration.threshold:.2f} confidence ({tcfg.false_flag_rate:.0%} of val flagged)")
@@ -335,16 +341,16 @@ def worker_loop(config: dict) -> None:
 def _calibrate_and_test(predict, split_batches, num_classes: int, false_flag_rate: float):
     """Temperature and unknown-painter threshold fitted on validation; test scored once, with its ECE before and
     after scaling (test plays no part in the fit)."""
-    from artnet.serve import calibration as calib
+    from artnet.model import calibration as calib
 
-    val_labels, val_logits = collect_logits(predict, split_batches("val"))
+    val_labels, val_logits, _ = collect_logits(predict, split_batches("val"))
     fitted = calib.calibrate(val_logits, val_labels, false_flag_rate)
-    test_labels, test_logits = collect_logits(predict, split_batches("test"))
+    test_labels, test_logits, examples = collect_logits(predict, split_batches("test"), keep=EXPLAINED_EXAMPLES)
     test, cm = metrics.evaluate_logits(test_labels, test_logits, num_classes)
     test["ece_before"] = calib.expected_calibration_error(metrics.softmax(test_logits), test_labels)
     test["ece_after"] = calib.expected_calibration_error(fitted.probabilities(test_logits), test_labels)
     test["unknown_flagged"] = float(fitted.unknown(fitted.probabilities(test_logits)).mean())
-    return fitted, test, cm
+    return fitted, test, cm, (examples, test_labels[:len(examples)])
 
 
 # ---------------------------------------------------------------------------------------------- driver

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from artnet.errors import UserError
-from artnet.serve.calibration import Calibration
+from artnet.model.calibration import Calibration
 
 METADATA_KEY = "artnet"
 

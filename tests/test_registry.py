@@ -178,6 +178,16 @@ def test_cli_predict_and_promote(trained, capsys, tmp_path):
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert row["uri"].endswith("_1.jpg") and len(row["top_k"]) == 2
 
+    import mlflow
+
+    mlflow.set_tracking_uri(trained["uri"])
+    folder = mlflow.artifacts.download_artifacts(trained["good"]["model_uri"], dst_path=str(tmp_path / "model"))
+    explained = tmp_path / "explained"
+    assert cli.main(["predict", image, "--model", folder, "--explain", str(explained)]) == 0  # a copied model folder
+    out = capsys.readouterr().out
+    assert "_1.jpg" in out and "1 answered" in out
+    assert (explained / (Path(image).stem + ".gradcam.png")).stat().st_size > 0
+
     assert cli.main(["promote", trained["good"]["run_id"], "--model-name", "cli", "--tracking-uri", trained["uri"],
                      "--dry-run"]) == 0
     assert "would become champion" in capsys.readouterr().out

@@ -102,7 +102,8 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
 
 SEARCH_FLAGS = {"samples": "search.samples", "painter_counts": "search.painter_counts",
                 "algorithm": "search.algorithm", "metric": "search.metric", "search_epochs": "search.epochs",
-                "views": "search.views", "cache": "search.cache", "finetune": "search.finetune"}
+                "views": "search.views", "cache": "search.cache", "finetune": "search.finetune",
+                "finetune_samples": "search.finetune_samples"}
 
 
 def add_search_options(p: argparse.ArgumentParser) -> None:
@@ -115,6 +116,8 @@ def add_search_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache", help="feature cache: a path or s3:// prefix (default WORKDIR/embeddings)")
     p.add_argument("--no-finetune", dest="finetune", action="store_const", const=False,
                    help="stop after the head search (no end-to-end fine-tuning of the best head)")
+    p.add_argument("--finetune-samples", type=int,
+                   help="fine-tuning trials per count when the space has fine-tuning fields (training jobs)")
     p.add_argument("--space", action="append", default=[], metavar="FIELD=DIST:ARGS",
                    help="a search dimension, e.g. model.dropout=uniform:0.1,0.6 (default: artnet's head space)")
     p.add_argument("--space-file", help="YAML of FIELD: DIST:ARGS entries")

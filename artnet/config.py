@@ -231,6 +231,9 @@ class SearchConfig:
     painter_counts: tuple[int, ...] = ()  # top-K painters by paintings; empty: all painters of the catalog
     max_concurrent: int = 0  # trials at once; 0: one per CPU, one CPU left for Ray's own work
     finetune: bool = True  # fine-tune each count's best head end to end on images (Ray Train)
+    # Fine-tuning trials per count when the space has fine-tuning fields (see search.space.FINETUNE_FIELDS):
+    # each an `artnet train` job on the images under Ray Tune, starting from the count's best head.
+    finetune_samples: int = 4
 
     @property
     def mode(self) -> str:
@@ -253,6 +256,8 @@ class SearchConfig:
             raise ConfigError("search.views", f"is {self.views}", "use 0 (centre crops only) or more views")
         if any(k < 2 for k in self.painter_counts):
             raise ConfigError("search.painter_counts", f"is {self.painter_counts}", "use counts of 2 or more painters")
+        if self.finetune_samples < 1:
+            raise ConfigError("search.finetune_samples", f"is {self.finetune_samples}", "run 1 or more trials")
         if self.max_concurrent < 0:
             raise ConfigError("search.max_concurrent", f"is {self.max_concurrent}", "use 0 (automatic) or more")
 

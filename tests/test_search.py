@@ -266,3 +266,34 @@ def test_estimator_from_a_job_takes_its_head_and_training_settings():
     model, train = clf.configs()
     assert (model.head_depth, model.head_width, model.dropout) == (2, job.model.head_width, job.model.dropout)
     assert (train.lr, train.class_balance, clf.epochs) == (job.train.lr, "logit_adjust", 7)
+
+
+@pytest.mark.slow
+def test_finetune_fields_run_training_jobs_as_tune_trials(painted, ray_local):
+    """`train.unfreeze_blocks` in the space: each fine-tuning trial is an `artnet train` job (Ray Train under
+    Tune), nested in the sweep's MLflow run; the chosen one is the best on validation and its test figures and
+    model are the ones reported."""
+    import mlflow
+
+    from artnet.search import tune
+
+    root, _ = painted
+    job = tiny_job(root, name="ftsweep", **{"search.painter_counts": "4", "search.samples": "2",
+                                            "search.epochs": "3", "search.views": "0", "search.finetune_samples": "2",
+                                            "train.finetune_epochs": "2", "train.patience": "0"})
+    dims = space.parse_space(space.space_entries(["train.unfreeze_blocks=choice:1,2"]), job)
+    assert {d.field for d in space.split(dims)[0]} == set(space.DEFAULT_SPACE)  # the head space is kept
+    result = tune.sweep(job, dims)
+
+    row = result["rows"][0]
+    assert row["finetune_trials"] == 2 and "train.unfreeze_blocks=" in row["best_config"]
+    client = mlflow.MlflowClient(result["tracking_uri"])
+    experiment = client.get_experiment_by_name("artnet").experiment_id
+    jobs = [r for r in client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{result['run_id']}'")
+            if r.data.tags.get("artnet.job", "").startswith("ftsweep-4painters-finetune-")]
+    assert len(jobs) == 2 and all(r.info.status == "FINISHED" for r in jobs)
+    best_val = {r.info.run_id: min(m.value for m in client.get_metric_history(r.info.run_id, "val_loss")) for r in jobs}
+    chosen = min(best_val, key=best_val.get)
+    assert row["model_uri"] == client.get_run(chosen).data.tags["artnet.model_uri"]
+    assert row["finetuned_test_accuracy"] == pytest.approx(client.get_run(chosen).data.metrics["test_accuracy"])
+    assert all(client.get_run(r.info.run_id).data.params["train.head_epochs"] == "0" for r in jobs)

@@ -25,6 +25,11 @@ DEFAULT_SPACE = {
 }
 
 
+# Fields only the images can tell about: a dimension over one of these runs fine-tuning trials (each an
+# `artnet train` job, phase 2 from the count's best head) instead of head trials on cached features.
+FINETUNE_FIELDS = ("train.unfreeze_blocks", "train.finetune_epochs", "train.finetune_lr_factor")
+
+
 @dataclass(frozen=True)
 class Dimension:
     field: str
@@ -96,7 +101,14 @@ def space_entries(assignments: list[str], yaml_text: str | None = None) -> dict[
         if not sep:
             raise ConfigError(item, "is not FIELD=DISTRIBUTION:ARGS", "write e.g. --space model.dropout=uniform:0.1,0.5")
         entries[field.strip()] = spec.strip()
-    return entries or dict(DEFAULT_SPACE)
+    if all(field in FINETUNE_FIELDS for field in entries):  # nothing said about the head: the default head space
+        entries = {**DEFAULT_SPACE, **entries}
+    return entries
+
+
+def split(dims: list[Dimension]) -> tuple[list[Dimension], list[Dimension]]:
+    """(head dimensions, fine-tuning dimensions)."""
+    return ([d for d in dims if d.field not in FINETUNE_FIELDS], [d for d in dims if d.field in FINETUNE_FIELDS])
 
 
 def to_tune(dims: list[Dimension]) -> dict:

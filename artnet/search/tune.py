@@ -23,12 +23,12 @@ from artnet.config import CatalogConfig, ConfigError, JobConfig, override, repla
 from artnet.data import catalog, storage
 from artnet.search import embeddings
 from artnet.search.heads import Features, fit_head, logits_of
-from artnet.search.space import Dimension, to_tune
+from artnet.search.space import Dimension, split, to_tune
 
 SUMMARY_COLUMNS = ("painters", "trials", "stopped_early", "best_config", "val_metric", "head_test_accuracy",
                    "head_test_top3_accuracy", "head_test_balanced_accuracy", "head_test_macro_f1",
                    "finetuned_test_accuracy", "finetuned_test_top3_accuracy", "finetuned_test_balanced_accuracy",
-                   "finetuned_test_macro_f1", "trial_s", "wall_s", "model_uri")
+                   "finetuned_test_macro_f1", "finetune_trials", "trial_s", "wall_s", "model_uri")
 
 
 def head_trial(config: dict, *, base: JobConfig, train: Features, val: Features, num_classes: int) -> None:
@@ -39,6 +39,19 @@ def head_trial(config: dict, *, base: JobConfig, train: Features, val: Features,
     _one_thread_per_trial()
     job = with_trial_config(base, config)
     fit_head(train, num_classes, job.model, job.train, job.search.epochs, val=val, on_epoch=tune.report)
+
+
+def finetune_trial(config: dict, *, base: JobConfig, parent_run_id: str) -> None:
+    """One fine-tuning trial: an `artnet train` job (the same training code, phase 2 from the best head) with the
+    sampled fields; Ray Train's TuneReportCallback hands every epoch's validation metrics to Tune, whose
+    scheduler may stop it. Its job name carries the trial id, so a restored trial resumes its checkpoints."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from artnet.train import trainer
+
+    job = replace(with_trial_config(base, config), name=f"{base.name}-{tune.get_context().get_trial_id()}")
+    trainer.fit(job, parent_run_id=parent_run_id, callbacks=[TuneReportCallback()])
 
 
 def with_trial_config(job: JobConfig, config: dict) -> JobConfig:
@@ -81,17 +94,47 @@ def _concurrency(job: JobConfig) -> int:
 
 def search_count(job: JobConfig, dims: list[Dimension], data: dict[str, Features], num_classes: int,
                  name: str, parent_run_id: str, uri: str):
-    """Run (or resume) one count's Tune experiment; returns Tune's ResultGrid."""
+    """Run (or resume) one count's head search; returns Tune's ResultGrid."""
     from ray import tune
     from ray.air.integrations.mlflow import MLflowLoggerCallback
-    from ray.tune.schedulers import ASHAScheduler
 
     from artnet.track import tracking
-    from artnet.train import trainer
 
     trainable = tune.with_resources(
         tune.with_parameters(head_trial, base=job, train=data["train"], val=data["val"], num_classes=num_classes),
         {"cpu": 1})
+    logger = MLflowLoggerCallback(tracking_uri=uri, experiment_name=job.tracking.experiment,
+                                  tags={tracking.PARENT_TAG: parent_run_id, "artnet.painter_count": str(num_classes)})
+    return _run_tuner(job, trainable, dims, name, job.search.samples, job.search.epochs, _concurrency(job), [logger])
+
+
+def finetune_search(job: JobConfig, dims: list[Dimension], name: str, parent_run_id: str):
+    """Run (or resume) one count's fine-tuning search: `search.finetune_samples` training jobs under Tune, as
+    many at once as the cluster has room for (each job's workers plus a CPU for decoding); returns the best
+    trial's last result by the validation metric. Each job's MLflow run is nested under the sweep's."""
+    import ray
+    from ray import tune
+
+    per_job = job.scaling.num_workers * job.scaling.cpus_per_worker + 1
+    concurrent = job.search.max_concurrent or max(1, int(ray.cluster_resources().get("CPU", 1) // per_job))
+    # The trial itself only waits on its training job: a sliver of a CPU, so decoding keeps the rest.
+    trainable = tune.with_resources(tune.with_parameters(finetune_trial, base=job, parent_run_id=parent_run_id),
+                                    {"cpu": 0.1})
+    epochs = max([job.train.finetune_epochs] + [int(v) for d in dims if d.field == "train.finetune_epochs"
+                                                for v in d.values])
+    results = _run_tuner(job, trainable, dims, name, job.search.finetune_samples, epochs + 1, concurrent, [])
+    return results.get_best_result(job.search.metric, job.search.mode, scope="all"), results
+
+
+def _run_tuner(job: JobConfig, trainable, dims: list[Dimension], name: str, samples: int, max_t: int,
+               concurrent: int, callbacks: list):
+    """A Tune experiment under the job's results folder, ASHA on the validation metric; restored instead when
+    an interrupted one is found there."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from artnet.train import trainer
+
     where = storage.ray_storage(trainer.results_dir(job))
     experiment = f"{where['storage_path'].rstrip('/')}/{name}"
     if tune.Tuner.can_restore(experiment, where.get("storage_filesystem")):
@@ -102,15 +145,11 @@ def search_count(job: JobConfig, dims: list[Dimension], data: dict[str, Features
         tuner = tune.Tuner(
             trainable, param_space=to_tune(dims),
             tune_config=tune.TuneConfig(
-                metric=job.search.metric, mode=job.search.mode, num_samples=job.search.samples,
-                scheduler=ASHAScheduler(max_t=job.search.epochs,
-                                        grace_period=min(job.search.grace_epochs, job.search.epochs)),
-                search_alg=_search_algorithm(job), max_concurrent_trials=_concurrency(job)),
-            run_config=tune.RunConfig(
-                name=name, verbose=1 if console.is_verbose() else 0, **where,
-                callbacks=[MLflowLoggerCallback(tracking_uri=uri, experiment_name=job.tracking.experiment,
-                                                tags={tracking.PARENT_TAG: parent_run_id,
-                                                      "artnet.painter_count": str(num_classes)})]))
+                metric=job.search.metric, mode=job.search.mode, num_samples=samples,
+                scheduler=ASHAScheduler(max_t=max_t, grace_period=min(job.search.grace_epochs, max_t)),
+                search_alg=_search_algorithm(job), max_concurrent_trials=concurrent),
+            run_config=tune.RunConfig(name=name, verbose=1 if console.is_verbose() else 0, callbacks=callbacks,
+                                      **where))
     return tuner.fit()
 
 
@@ -137,14 +176,16 @@ def _save_head(head, uri: str) -> None:
 def run_count(job: JobConfig, dims: list[Dimension], manifest, painters: list[str], count: int, features_dir: str,
               parent_run_id: str, uri: str) -> dict:
     """Search one painter count, score its best head on test, fine-tune it if asked: one summary row."""
+    from artnet.track import tracking
     from artnet.train import trainer
 
+    head_dims, finetune_dims = split(dims)
     start = time.time()
     keep = catalog.top_painters(manifest, count) if count < len(painters) else painters
     sub, names = catalog.subset(manifest, painters, keep)
     data = embeddings.load(sub, features_dir, job.search.views, splits=("train", "val"))
     name = f"{job.name}-{count}painters"
-    results = search_count(job, dims, data, len(names), name, parent_run_id, uri)
+    results = search_count(job, head_dims, data, len(names), name, parent_run_id, uri)
     best, best_epoch = _best(results, job)
     trials = [r for r in results if r.metrics]
     stopped = sum(1 for r in trials if r.metrics.get("training_iteration", 0) < job.search.epochs)
@@ -169,10 +210,17 @@ def run_count(job: JobConfig, dims: list[Dimension], manifest, painters: list[st
         tuned = replace(chosen, catalog=storage.join(out, "catalog"), name=f"{name}-finetune",
                         model=replace(chosen.model, head_weights=storage.join(out, "head.weights.h5")),
                         train=replace(chosen.train, head_epochs=0))
-        result = trainer.fit(tuned, parent_run_id=parent_run_id)
-        row.update({f"finetuned_test_{k}": result["metrics"].get(f"test_{k}") for k in
+        if finetune_dims:  # a search over fine-tuning fields: training jobs as Tune trials
+            best_job, tuned_trials = finetune_search(tuned, finetune_dims, f"{name}-finetune", parent_run_id)
+            final, model_uri = best_job.metrics, tracking.model_uri(uri, best_job.metrics["run_id"])
+            row["best_config"] += "; " + "; ".join(f"{k}={_short(v)}" for k, v in sorted(best_job.config.items()))
+            row["finetune_trials"] = len([r for r in tuned_trials if r.metrics])
+        else:  # the job's own fine-tuning settings, once
+            result = trainer.fit(tuned, parent_run_id=parent_run_id)
+            final, model_uri = result["metrics"], result["model_uri"]
+        row.update({f"finetuned_test_{k}": final.get(f"test_{k}") for k in
                     ("accuracy", "top3_accuracy", "balanced_accuracy", "macro_f1")})
-        row["model_uri"] = result["model_uri"]
+        row["model_uri"] = model_uri
     row["trial_s"], row["wall_s"] = trial_seconds, time.time() - start  # summed trial time; this count's wall time
     return row
 

@@ -319,7 +319,9 @@ def worker_loop(config: dict) -> None:
 
     if best_weights is not None:
         model.set_weights(best_weights)
-    final = {"epoch": state.epoch, "done": True}
+    # The last epoch's validation metrics again (a Tune scheduler reads its metric in every report) and the run.
+    final = {"epoch": state.epoch, "done": True, "run_id": config["run_id"],
+             **{k: v for k, v in (state.history[-1] if state.history else {}).items() if k.startswith("val_")}}
     if rank == 0:
         calibration, test, cm, examples = _calibrate_and_test(predict, split_batches, num_classes,
                                                               tcfg.false_flag_rate)
@@ -438,20 +440,20 @@ def results_dir(job: JobConfig) -> str:
     return job.storage_path or storage.join(job.workdir, "ray_results")
 
 
-def _run_config(job: JobConfig):
+def _run_config(job: JobConfig, callbacks: list | None = None):
     import ray.train
 
     return ray.train.RunConfig(
-        name=job.name, **storage.ray_storage(results_dir(job)),
+        name=job.name, **storage.ray_storage(results_dir(job)), callbacks=callbacks or None,
         failure_config=ray.train.FailureConfig(max_failures=job.max_failures),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
     )
 
 
-def fit(job: JobConfig, parent_run_id: str | None = None) -> dict:
+def fit(job: JobConfig, parent_run_id: str | None = None, callbacks: list | None = None) -> dict:
     """Run one training job on the Ray cluster (local unless RAY_ADDRESS says otherwise); returns the final
     metrics, the MLflow run id and where the checkpoints are. With `parent_run_id` the job's MLflow run is
-    nested under that run (a sweep's)."""
+    nested under that run (a sweep's); `callbacks` are Ray Train callbacks (Tune's, in a fine-tuning trial)."""
     import ray
 
     from artnet.data import catalog, pipeline
@@ -486,7 +488,7 @@ def fit(job: JobConfig, parent_run_id: str | None = None) -> dict:
                 num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
                 resources_per_worker={"CPU": scaling.cpus_per_worker,
                                       **({"GPU": scaling.gpus_per_worker} if scaling.use_gpu else {})}),
-            run_config=_run_config(job),
+            run_config=_run_config(job, callbacks),
             datasets=datasets,
             # Only train is split across workers; rank 0 evaluates the whole of val and test.
             dataset_config=DataConfig(datasets_to_split=["train"]),

@@ -5,7 +5,7 @@ through the production path (catalog -> Ray Data -> Ray Train -> MLflow). Not a 
     python bench/accuracy.py min40           # every painter with >= 40 paintings (47)
     python bench/accuracy.py top3 --set train.finetune_epochs=8 ...
 
-Writes bench/results/accuracy_<task>.json (test accuracy, top-3, balanced accuracy, macro-F1, split seed,
+Writes bench/results/accuracy_<task><tag>.json (test accuracy, top-3, balanced accuracy, macro-F1, split seed,
 epochs, wall time) with baselines computed in the same run on the same split: the majority painter, and frozen
 MobileNetV2 features + logistic regression (`HeadClassifier(head_depth=0)` on the feature cache). The study's
 0.76 on 3 painters is a published figure, quoted as such.
@@ -59,6 +59,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="split seed")
     parser.add_argument("--workdir", default=str(REPO / "work" / "bench"))
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--tag", default="", help="suffix of the result file, e.g. _long")
     args = parser.parse_args()
     workdir = Path(args.workdir) / args.task
     cat_dir = str(workdir / "catalog")
@@ -80,13 +81,14 @@ def main() -> None:
         "test_accuracy": metrics.get("test_accuracy"), "test_top3_accuracy": metrics.get("test_top3_accuracy"),
         "test_macro_f1": metrics.get("test_macro_f1"), "test_images": metrics.get("test_images"),
         "test_balanced_accuracy": metrics.get("test_balanced_accuracy"),
+        "test_ece_before": metrics.get("test_ece_before"), "test_ece_after": metrics.get("test_ece_after"),
         "val_accuracy_last_epoch": sorted(val, key=lambda m: m.step)[-1].value if val else None,
         "epochs_run": metrics.get("epoch"), "wall_s": round(time.time() - start, 1),
         "overrides": args.set, "baselines": computed_baselines, "published": PUBLISHED[args.task],
         "mlflow_run": result["run_id"],
         "cpu_cores": os.cpu_count(),
     }
-    path = REPO / "bench" / "results" / f"accuracy_{args.task}.json"
+    path = REPO / "bench" / "results" / f"accuracy_{args.task}{args.tag}.json"
     path.write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps(out, indent=2))
 

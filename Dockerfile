@@ -8,6 +8,6 @@ WORKDIR /home/ray/artnet
 COPY --chown=ray:users pyproject.toml README.md ./
 COPY --chown=ray:users artnet ./artnet
 COPY --chown=ray:users jobs ./jobs
-RUN pip install --no-cache-dir -e .
+RUN pip install --no-cache-dir -e ".[search]"
 
 CMD ["artnet", "--help"]

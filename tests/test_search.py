@@ -297,3 +297,18 @@ def test_finetune_fields_run_training_jobs_as_tune_trials(painted, ray_local):
     assert row["model_uri"] == client.get_run(chosen).data.tags["artnet.model_uri"]
     assert row["finetuned_test_accuracy"] == pytest.approx(client.get_run(chosen).data.metrics["test_accuracy"])
     assert all(client.get_run(r.info.run_id).data.params["train.head_epochs"] == "0" for r in jobs)
+
+
+@pytest.mark.slow
+def test_optuna_search_runs_the_head_trials(painted, ray_local):
+    """`search.algorithm=optuna` (installed with the test extras) drives the same head trials to the end."""
+    pytest.importorskip("optuna")
+    from artnet.search import tune
+
+    root, _ = painted
+    job = tiny_job(root, name="optuna", **{"search.painter_counts": "4", "search.samples": "4", "search.epochs": "3",
+                                           "search.views": "0", "search.algorithm": "optuna",
+                                           "search.finetune": "false", "search.max_concurrent": "1"})
+    dims = space.parse_space({"train.lr": "loguniform:0.001,0.3", "model.dropout": "uniform:0.0,0.5"}, job)
+    row = tune.sweep(job, dims)["rows"][0]
+    assert row["trials"] == 4 and "train.lr=" in row["best_config"] and row["head_test_accuracy"] is not None

@@ -137,3 +137,25 @@ def test_job_config_overrides_and_flatten_round_trip():
     with pytest.raises(ConfigError) as err:
         override(job, {"train.lrr": "1"})
     assert err.value.field == "train.lrr" and "train.lr" in str(err.value)
+
+
+def test_confusion_figures_stay_readable_and_small_with_many_painters(tmp_path):
+    """1,000 painters: the CSV holds the whole matrix; the PNG shows the largest confusions at a fixed size."""
+    from PIL import Image
+
+    from artnet.track import plots
+
+    rng = np.random.default_rng(0)
+    n = 1000
+    cm = np.diag(rng.integers(5, 20, n))
+    cm[3, 7] = 50  # the one big confusion
+    names = [f"painter_{i}" for i in range(n)]
+    plots.confusion_matrix(cm, names, str(tmp_path / "cm.png"))
+    plots.confusion_csv(cm, names, str(tmp_path / "cm.csv"))
+    lines = (tmp_path / "cm.csv").read_text().splitlines()
+    assert len(lines) == n + 1 and lines[4].split(",")[8] == "50"
+    width, height = Image.open(tmp_path / "cm.png").size
+    assert width < 1500 and height < 1500 and (tmp_path / "cm.png").stat().st_size < 300_000
+    small = np.array([[5, 1], [2, 4]])
+    plots.confusion_matrix(small, ["a", "b"], str(tmp_path / "small.png"))  # the full matrix below the limit
+    assert Image.open(tmp_path / "small.png").size[0] < 800

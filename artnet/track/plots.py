@@ -31,10 +31,19 @@ def image_grid(images: np.ndarray, titles: list[str], uri: str, columns: int = 4
     _save(fig, uri)
 
 
+FULL_MATRIX_MAX = 60  # painters; beyond, the PNG shows the largest confusions (the CSV has the whole matrix)
+TOP_CONFUSIONS = 40
+
+
 def confusion_matrix(cm: np.ndarray, names: list[str], uri: str, title: str = "") -> None:
-    """Row-normalised confusion matrix (recall on the diagonal), counts in the cells when they fit."""
+    """Row-normalised confusion matrix (recall on the diagonal), counts in the cells when they fit. With more
+    than FULL_MATRIX_MAX painters a matrix is unreadable (and its figure grows with the square of the count):
+    the largest confusions instead, in a figure of fixed size."""
     rows = cm.sum(axis=1, keepdims=True)
     norm = np.divide(cm, rows, out=np.zeros(cm.shape, float), where=rows > 0)
+    if len(names) > FULL_MATRIX_MAX:
+        top_confusions(cm, norm, names, uri, title)
+        return
     side = max(4.0, 0.35 * len(names) + 2)
     fig, ax = plt.subplots(figsize=(side + 1, side))
     image = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
@@ -50,6 +59,33 @@ def confusion_matrix(cm: np.ndarray, names: list[str], uri: str, title: str = ""
     fig.colorbar(image, ax=ax, fraction=0.046, label="share of the true painter's images")
     ax.set_title(title or f"confusion matrix (accuracy {np.trace(cm) / max(cm.sum(), 1):.3f})")
     _save(fig, uri)
+
+
+def top_confusions(cm: np.ndarray, norm: np.ndarray, names: list[str], uri: str, title: str = "") -> None:
+    """The TOP_CONFUSIONS largest off-diagonal shares: "true -> predicted", share of the true painter's images."""
+    off = norm.copy()
+    np.fill_diagonal(off, 0)
+    flat = np.argsort(-off, axis=None)[:TOP_CONFUSIONS]
+    pairs = [divmod(int(k), len(names)) for k in flat if off.flat[k] > 0]
+    fig, ax = plt.subplots(figsize=(9, 0.25 * max(len(pairs), 4) + 1.5))
+    ax.barh(range(len(pairs)), [off[i, j] for i, j in pairs], color="tab:blue")
+    ax.set_yticks(range(len(pairs)), [f"{names[i]} -> {names[j]} ({int(cm[i, j])})" for i, j in pairs], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("share of the true painter's images")
+    ax.set_title(title or f"largest confusions of {len(names)} painters (accuracy "
+                          f"{np.trace(cm) / max(cm.sum(), 1):.3f}; full matrix in confusion_matrix.csv)")
+    _save(fig, uri)
+
+
+def confusion_csv(cm: np.ndarray, names: list[str], uri: str) -> None:
+    """The whole matrix as counts: rows true painters, columns predicted, at any size."""
+    import csv
+
+    text = io.StringIO()
+    writer = csv.writer(text)
+    writer.writerow(["true \\ predicted", *names])
+    writer.writerows([name, *map(int, row)] for name, row in zip(names, cm))
+    storage.write_bytes(uri, text.getvalue().encode())
 
 
 def training_curves(history: list[dict], uri: str) -> None:

@@ -142,14 +142,15 @@ class WorkerRun:
             self.client.log_metric(self.run_id, f"calibration_{k}", float(v))
         with tempfile.TemporaryDirectory() as d:
             plots.confusion_matrix(cm, painters, os.path.join(d, "confusion_matrix.png"))
+            plots.confusion_csv(cm, painters, os.path.join(d, "confusion_matrix.csv"))
             plots.training_curves(history, os.path.join(d, "training_curves.png"))
             explained_grid(model, *examples, painters, os.path.join(d, "gradcam_test.png"))
             with open(os.path.join(d, "per_painter.json"), "w") as f:
                 json.dump(report, f, indent=2)
             with open(os.path.join(d, "history.json"), "w") as f:
                 json.dump(history, f, indent=2)
-            for name in ("confusion_matrix.png", "training_curves.png", "gradcam_test.png", "per_painter.json",
-                         "history.json"):
+            for name in ("confusion_matrix.png", "confusion_matrix.csv", "training_curves.png", "gradcam_test.png",
+                         "per_painter.json", "history.json"):
                 self.client.log_artifact(self.run_id, os.path.join(d, name))
         mlflow.set_tracking_uri(self.uri)
         example = np.zeros((1, size, size, 3), np.float32)

@@ -47,8 +47,8 @@ def test_one_worker_trains_and_mlflow_holds_everything(small_catalog, tmp_path, 
     assert run.data.metrics["bad_images_skipped"] == 2
     assert {"test_accuracy", "test_top3_accuracy", "test_macro_f1", "val_macro_f1"} <= set(run.data.metrics)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"confusion_matrix.png", "confusion_matrix.csv", "training_curves.png", "gradcam_test.png", "per_painter.json",
-            "bad_images.json", "manifest.parquet", "labels.json"} <= artifacts
+    assert {"confusion_matrix.png", "confusion_matrix.csv", "training_curves.png", "gradcam_test.png",
+            "per_painter.json", "bad_images.json", "manifest.parquet", "labels.json"} <= artifacts
     per_painter = json.loads(Path(client.download_artifacts(run.info.run_id, "per_painter.json", str(tmp_path))).read_text())
     assert sorted(per_painter) == result["painters"]
     # The registered-able model predicts exactly what the trained model in the final checkpoint predicts.

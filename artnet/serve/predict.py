@@ -137,10 +137,12 @@ def explain_files(model: bundle_lib.ModelBundle, table: pa.Table, out: str) -> l
     uris = [row["uri"] for row in answered]
     data = pipeline.fetch(uris, [-1] * len(uris), storage.S3Settings.from_env())
     images = np.stack([model.preprocess(item, PipelineConfig.max_pixels) for item in data])
-    overlays, _ = explain.explained(model.model, images, np.array([model.painters.index(r["painter"]) for r in answered]))
+    answers = np.array([model.painters.index(r["painter"]) for r in answered])
+    overlays, _ = explain.explained(model.model, images, answers)
     written = []
     for uri, picture in zip(uris, overlays):
-        target = storage.join(storage.absolute(out), uri.rstrip("/").rsplit("/", 1)[-1].rsplit(".", 1)[0] + ".gradcam.png")
+        stem = uri.rstrip("/").rsplit("/", 1)[-1].rsplit(".", 1)[0]
+        target = storage.join(storage.absolute(out), f"{stem}.gradcam.png")
         buffer = io.BytesIO()
         Image.fromarray(picture).save(buffer, "PNG")
         storage.write_bytes(target, buffer.getvalue())

@@ -93,6 +93,12 @@ def init_ray() -> None:
     logging.getLogger("ray.data").setLevel(logging.INFO if _verbose else logging.WARNING)
 
 
+def alive_nodes() -> int:
+    import ray
+
+    return sum(1 for node in ray.nodes() if node.get("Alive"))
+
+
 def _progress_actor():
     import ray
 

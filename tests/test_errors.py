@@ -204,3 +204,17 @@ def test_bad_search_space_fails_before_any_work(one_line_error):
     assert "'model.dropuot'" in line and "is not a config field" in line
     line = one_line_error("tune", "catalog", "--space", "model.dropout=uniform:0.1,1.5")
     assert "'model.dropout'" in line
+
+
+def test_a_local_tracking_store_is_refused_on_a_multi_node_cluster():
+    """Rank 0 may log from another node: sqlite or a file path on the driver's disk does not exist there."""
+    from artnet.track import tracking
+
+    for uri in ("sqlite:////work/mlflow.db", "/work/mlruns", "file:///work/mlruns"):
+        tracking.check_reachable(uri, None, nodes=1)  # one node: fine
+        with pytest.raises(ConfigError, match="tracking.tracking_uri.*3 nodes.*MLFLOW_TRACKING_URI"):
+            tracking.check_reachable(uri, None, nodes=3)
+    tracking.check_reachable("http://mlflow.internal:5000", None, nodes=3)
+    tracking.check_reachable("http://mlflow.internal:5000", "s3://bucket/mlflow", nodes=3)
+    with pytest.raises(ConfigError, match="tracking.artifact_location"):
+        tracking.check_reachable("http://mlflow.internal:5000", "/local/artifacts", nodes=3)

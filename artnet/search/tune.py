@@ -244,11 +244,12 @@ def sweep(job: JobConfig, dims: list[Dimension]) -> dict:
                           f"use counts up to {len(painters)}, or catalogue more painters")
     job = trainer.resolve(job)
     console.init_ray()
+    uri = tracking.tracking_uri(job)
+    tracking.check_reachable(uri, job.tracking.artifact_location, console.alive_nodes())  # before any work
     started = time.time()
     cached = embeddings.ensure(manifest, job, embeddings.cache_of(job), job.search.views, job.train.seed)
     console.log.info("features: %d computed, %d reused, %d undecodable (%.0f s) in %s", cached["computed"],
                      cached["reused"], cached["undecodable"], time.time() - started, cached["directory"])
-    uri = tracking.tracking_uri(job)
     parent = tracking.start_job_run(job, uri, {"artnet.sweep": "true"})
     rows = [run_count(job, dims, manifest, painters, k, cached["directory"], parent, uri) for k in counts]
     out = storage.join(trainer.results_dir(job), job.name)

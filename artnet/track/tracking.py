@@ -35,12 +35,34 @@ def resolve_uri(configured: str, workdir: str) -> str:
     return f"sqlite:///{os.path.abspath(os.path.join(workdir, 'mlflow.db'))}"
 
 
+def is_local_store(uri: str) -> bool:
+    """A tracking store that lives on one machine's disk (sqlite, a file path), not a server."""
+    return uri.startswith(("sqlite:", "file:")) or "://" not in uri
+
+
+def check_reachable(uri: str, artifacts: str | None, nodes: int) -> None:
+    """On a cluster of several nodes, rank 0 (and a Tune trial) may run on another node than the driver: a store
+    on the driver's disk does not exist there. Refused before any work, with the fix."""
+    from artnet.config import ConfigError
+
+    if nodes < 2:
+        return
+    if is_local_store(uri):
+        raise ConfigError("tracking.tracking_uri", f"is {uri}, on this machine's disk, but the Ray cluster has "
+                          f"{nodes} nodes and training may log from any of them",
+                          "start a tracking server (mlflow server --backend-store-uri postgresql://... "
+                          "--artifacts-destination s3://...) and set MLFLOW_TRACKING_URI to it")
+    if artifacts and "://" not in artifacts:
+        raise ConfigError("tracking.artifact_location", f"is the local path {artifacts} on a {nodes}-node cluster",
+                          "use an s3:// location, or leave it empty for the tracking server's")
+
+
 def artifact_location(job: JobConfig, uri: str) -> str | None:
     """Local stores keep artifacts beside the database (not in whatever directory a Ray worker runs in);
     a tracking server decides for itself unless the config says otherwise."""
     if job.tracking.artifact_location:
         return job.tracking.artifact_location
-    if uri.startswith("sqlite:") or "://" not in uri:
+    if is_local_store(uri):
         return os.path.abspath(os.path.join(job.workdir, "mlartifacts"))
     return None
 

@@ -470,6 +470,7 @@ def fit(job: JobConfig, parent_run_id: str | None = None, callbacks: list | None
     console.init_ray()
     _check_cpu_headroom(job)
     uri = tracking.tracking_uri(job)
+    tracking.check_reachable(uri, job.tracking.artifact_location, console.alive_nodes())
     tags = tracking.identity_tags(job, manifest, painters)
     if parent_run_id:
         tags[tracking.PARENT_TAG] = parent_run_id

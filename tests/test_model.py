@@ -159,3 +159,14 @@ def test_confusion_figures_stay_readable_and_small_with_many_painters(tmp_path):
     small = np.array([[5, 1], [2, 4]])
     plots.confusion_matrix(small, ["a", "b"], str(tmp_path / "small.png"))  # the full matrix below the limit
     assert Image.open(tmp_path / "small.png").size[0] < 800
+
+
+def test_device_schedule_equals_the_pure_rule():
+    """The Keras schedule the optimizer evaluates on the device follows `schedule.lr_at` step by step."""
+    from artnet.train import trainer
+
+    for total, warmup in ((100, 10), (50, 0)):
+        rate = trainer.warmup_cosine(total, warmup, 0.3)
+        device = [float(rate(step)) for step in range(total + 5)]
+        np.testing.assert_allclose(device, [schedule.lr_at(step, total, warmup, 0.3) for step in range(total + 5)],
+                                   rtol=1e-5, atol=1e-7)

@@ -116,11 +116,34 @@ def make_train_step(strategy, model, optimizer, global_batch: int, label_smoothi
     return step
 
 
-def make_optimizer(strategy, model, policy: str):
+def warmup_cosine(total_steps: int, warmup_steps: int, peak: float):
+    """`schedule.lr_at` as a Keras schedule of the optimizer's own step counter: the rate is computed on the
+    device inside each step, with no per-step value sent from the host (a restored optimizer resumes its count)."""
+    import keras
+    from keras import ops
+
+    span = float(max(1, total_steps - warmup_steps))
+
+    class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
+        def __call__(self, step):
+            step = ops.cast(step, "float32")
+            progress = ops.clip((step - warmup_steps) / span, 0.0, 1.0)
+            cosine = 0.5 * peak * (1.0 + ops.cos(math.pi * progress))
+            if not warmup_steps:
+                return cosine
+            return ops.where(step < warmup_steps, peak * (step + 1.0) / warmup_steps, cosine)
+
+        def get_config(self):
+            return {"total_steps": total_steps, "warmup_steps": warmup_steps, "peak": peak}
+
+    return WarmupCosine()
+
+
+def make_optimizer(strategy, model, policy: str, learning_rate):
     import keras
 
     with strategy.scope():
-        optimizer = keras.optimizers.Adam(learning_rate=1e-3)
+        optimizer = keras.optimizers.Adam(learning_rate=learning_rate)
         if policy == "mixed_float16":
             optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
         optimizer.build(model.trainable_variables)
@@ -209,14 +232,15 @@ def _report(metrics_: dict, rank: int, model, optimizer_values, best_weights, st
         ray.train.report(metrics_, checkpoint=checkpoint)
 
 
-def _train_epoch(train_data, step_fn, optimizer, lr_of_step, global_batch: int) -> dict:
+def _train_epoch(train_data, step_fn, optimizer, global_batch: int) -> dict:
+    """One pass over the shard. Loss and hits are summed as tensors and read once at the end: reading them each
+    step (`float(loss)`) would make the host wait for every step before dispatching the next."""
     start, loss_sum, correct, steps = time.perf_counter(), 0.0, 0.0, 0
     for images, labels in train_data:
-        optimizer.learning_rate.assign(lr_of_step(steps))
         loss, hits = step_fn(images, labels)
-        loss_sum, correct, steps = loss_sum + float(loss), correct + float(hits), steps + 1
+        loss_sum, correct, steps = loss_sum + loss, correct + hits, steps + 1
     seen = steps * global_batch
-    return {"train_loss": loss_sum / max(steps, 1), "train_accuracy": correct / max(seen, 1),
+    return {"train_loss": float(loss_sum) / max(steps, 1), "train_accuracy": float(correct) / max(seen, 1),
             "lr": float(optimizer.learning_rate.numpy()), "images_per_s": seen / (time.perf_counter() - start)}
 
 
@@ -279,7 +303,10 @@ def worker_loop(config: dict) -> None:
         if schedule.phase_of(epoch, tcfg.head_epochs) != phase:
             phase = schedule.phase_of(epoch, tcfg.head_epochs)
             unfrozen = classifier.set_trainable_blocks(model, spec, tcfg.unfreeze_blocks if phase == 2 else 0)
-            optimizer = make_optimizer(strategy, model, policy)
+            phase_epochs = tcfg.head_epochs if phase == 1 else tcfg.finetune_epochs
+            peak = schedule.scaled_lr(tcfg.lr, global_batch) * (1.0 if phase == 1 else tcfg.finetune_lr_factor)
+            rate = warmup_cosine(phase_epochs * steps, int(tcfg.warmup_epochs * steps), peak)
+            optimizer = make_optimizer(strategy, model, policy, rate)
             if optimizer_values is not None and state.history and state.history[-1]["phase"] == phase:
                 for variable, value in zip(optimizer.variables, optimizer_values):  # resuming inside a phase
                     variable.assign(value)
@@ -290,15 +317,7 @@ def worker_loop(config: dict) -> None:
                 console.say(progress, f"phase {phase}: {len(model.trainable_variables)} trainable tensors, {unfrozen} "
                             f"backbone layers unfrozen; {replicas} replica(s) on {world} worker(s), global batch "
                             f"{global_batch}")
-        phase_first, phase_epochs = (0, tcfg.head_epochs) if phase == 1 else (tcfg.head_epochs, tcfg.finetune_epochs)
-        peak = schedule.scaled_lr(tcfg.lr, global_batch) * (1.0 if phase == 1 else tcfg.finetune_lr_factor)
-        offset = (epoch - phase_first) * steps
-
-        def lr_of_step(step: int) -> float:
-            return schedule.lr_at(offset + step, phase_epochs * steps, int(tcfg.warmup_epochs * steps), peak)
-
-        record = {"epoch": epoch + 1, "phase": phase,
-                  **_train_epoch(train_data, step_fn, optimizer, lr_of_step, global_batch)}
+        record = {"epoch": epoch + 1, "phase": phase, **_train_epoch(train_data, step_fn, optimizer, global_batch)}
         record["images_per_s_per_replica"] = record["images_per_s"] / replicas
         stop = 0.0
         if rank == 0:

@@ -32,8 +32,7 @@ def run(strategy, batch):
     with strategy.scope():
         model = build_classifier(spec, ModelConfig(backbone="tiny", weights="none", dropout=0.0), CLASSES, SIZE)
     set_trainable_blocks(model, spec, 2)
-    optimizer = trainer.make_optimizer(strategy, model, policy)
-    optimizer.learning_rate.assign(0.01)
+    optimizer = trainer.make_optimizer(strategy, model, policy, trainer.warmup_cosine(8, 2, 0.01))
     step = trainer.make_train_step(strategy, model, optimizer, global_batch=PER_REPLICA * 2)
     data = strategy.distribute_datasets_from_function(
         lambda _: tf.data.Dataset.from_tensor_slices((images, labels)).batch(batch))

@@ -70,15 +70,12 @@ def test_two_workers_multi_worker_strategy_trains(small_catalog, tmp_path, ray_l
 
 
 def _train_worker_pids() -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if b"RayTrainWorker" in (entry / "cmdline").read_bytes():
-                    pids.append(int(entry.name))
-            except OSError:
-                pass
-    return pids
+    """PIDs of this test cluster's live training workers, from its GCS (never another Ray cluster's on the same
+    machine; the public state API needs the dashboard, which the test cluster does not start)."""
+    from ray._private import state
+
+    return [int(a["Pid"]) for a in state.actors().values()
+            if a.get("ActorClassName") == "RayTrainWorker" and a.get("State") == "ALIVE" and a.get("Pid")]
 
 
 def test_restart_and_rerun_resume_from_checkpoint(small_catalog, tmp_path, ray_local):

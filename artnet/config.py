@@ -147,7 +147,7 @@ class TrainConfig:
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.0
     patience: int = 3  # epochs without val-loss improvement before a phase stops early; 0 = never
-    precision: str = "auto"  # auto = mixed_bfloat16 on GPUs, float32 on CPUs
+    precision: str = "auto"  # auto: mixed_bfloat16 on GPUs >= compute 8.0, mixed_float16 below, float32 on CPUs
     seed: int = 0
     # Unbalanced painters: "weights" weighs each painting by 1/(its painter's share), "logit_adjust" trains
     # with log-prior offsets on the logits (Menon et al. 2021) so small painters are not argued away.

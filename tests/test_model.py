@@ -170,3 +170,16 @@ def test_device_schedule_equals_the_pure_rule():
         device = [float(rate(step)) for step in range(total + 5)]
         np.testing.assert_allclose(device, [schedule.lr_at(step, total, warmup, 0.3) for step in range(total + 5)],
                                    rtol=1e-5, atol=1e-7)
+
+
+def test_precision_auto_follows_the_gpus_and_use_gpu_without_one_is_refused():
+    from artnet.train import trainer
+
+    assert trainer.precision_policy("auto", []) == "float32"
+    assert trainer.precision_policy("auto", [(9, 0), (9, 0)]) == "mixed_bfloat16"  # H100
+    assert trainer.precision_policy("auto", [(7, 5)]) == "mixed_float16"  # T4: no fast bfloat16
+    assert trainer.precision_policy("auto", [(8, 0), (7, 0)]) == "mixed_float16"  # the slowest GPU decides
+    assert trainer.precision_policy("float32", [(9, 0)]) == "float32"
+    assert trainer.visible_gpus(False, 0) == []  # this machine: TensorFlow sees no GPU
+    with pytest.raises(ConfigError, match="scaling.use_gpu.*worker 1 sees no GPU"):
+        trainer.visible_gpus(True, 1)

@@ -43,10 +43,29 @@ class TrainState:
         return [h["val_loss"] for h in self.history if h["phase"] == phase]
 
 
-def precision_policy(precision: str, gpus: int) -> str:
-    if precision == "auto":
-        return "mixed_bfloat16" if gpus else "float32"
-    return precision
+def precision_policy(precision: str, capabilities: list[tuple[int, int]]) -> str:
+    """`auto`: float32 on CPUs; on GPUs mixed_bfloat16 where every GPU computes bfloat16 fast (compute capability
+    8.0 and up: A100, H100, L4), else mixed_float16 with loss scaling (T4, V100)."""
+    if precision != "auto":
+        return precision
+    if not capabilities:
+        return "float32"
+    return "mixed_bfloat16" if min(capabilities) >= (8, 0) else "mixed_float16"
+
+
+def visible_gpus(use_gpu: bool, rank: int) -> list[tuple[int, int]]:
+    """The compute capabilities of the GPUs TensorFlow sees on this worker. With `use_gpu` and none visible
+    (a CPU-only TensorFlow build, or drivers missing on the node) training would silently run on the CPU: refused."""
+    import tensorflow as tf
+
+    from artnet.config import ConfigError
+
+    found = [tuple(tf.config.experimental.get_device_details(d).get("compute_capability") or (0, 0))
+             for d in tf.config.list_physical_devices("GPU")]
+    if use_gpu and not found:
+        raise ConfigError("scaling.use_gpu", f"is on, but TensorFlow on training worker {rank} sees no GPU",
+                          "run the GPU image (Dockerfile / cluster.yaml) whose TensorFlow has CUDA, or drop --use-gpu")
+    return found
 
 
 # --------------------------------------------------------------------------------------------- TF helpers
@@ -268,7 +287,7 @@ def worker_loop(config: dict) -> None:
     progress = config.get("progress")  # the driver's console (rank 0 only speaks)
     rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
     num_classes, size, tcfg = len(painters), job.data.image_size, job.train
-    policy = precision_policy(tcfg.precision, len(tf.config.list_logical_devices("GPU")))
+    policy = precision_policy(tcfg.precision, visible_gpus(job.scaling.use_gpu, rank))
     keras.mixed_precision.set_dtype_policy(policy)
     keras.utils.set_random_seed(tcfg.seed)
 

@@ -73,6 +73,10 @@ class PipelineConfig:
     decode_batch: int = 32  # images per Ray Data map task call (fewer, larger tasks: less overhead)
     shuffle: bool = True
     seed: int | None = None  # None: fresh augmentation randomness every epoch
+    # Bad-data budget: the share of a run's images that may be unusable (unreadable or undecodable) before it
+    # stops, and how many failed reads with no success at all stop it at once (wrong credentials, endpoint...).
+    max_bad_share: float = 0.05
+    fail_fast_reads: int = 32
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def validate(self) -> None:
@@ -83,6 +87,11 @@ class PipelineConfig:
             raise ConfigError("data.batch_size", f"is {self.batch_size}", "use 1 or more")
         if self.decode_batch < 1:
             raise ConfigError("data.decode_batch", f"is {self.decode_batch}", "use 1 or more")
+        if not 0 <= self.max_bad_share < 1:
+            raise ConfigError("data.max_bad_share", f"is {self.max_bad_share}",
+                              "use a share in [0, 1), e.g. 0.05 (0: any unusable image stops the run)")
+        if self.fail_fast_reads < 1:
+            raise ConfigError("data.fail_fast_reads", f"is {self.fail_fast_reads}", "use 1 or more")
         if self.max_pixels < max(self.image_size, 299) ** 2:
             raise ConfigError("data.max_pixels", f"is {self.max_pixels}",
                               "allow at least image_size**2 pixels (default 64,000,000)")

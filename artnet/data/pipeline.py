@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 import ray
 
 from artnet.config import ConfigError, PipelineConfig
+from artnet.errors import UserError
 from artnet.data import storage, transforms
 
 log = logging.getLogger(__name__)
@@ -31,23 +32,52 @@ IO_THREADS = 16  # concurrent object reads per decode task
 
 @ray.remote(num_cpus=0)
 class BadImageTally:
-    """Counts skipped images by reason, each image once however many epochs meet it, and keeps the first
-    few URIs, so a run can report what it lost."""
+    """Counts skipped images by reason and cause, each image once however many epochs meet it, keeps the first
+    few URIs, and enforces the bad-data budget: a run stops (rather than "succeed" on what is left) once more
+    than `max_bad_share` of its `total` images are unusable, or when its first `fail_fast_reads` reads all failed."""
 
-    def __init__(self):
-        self.reasons: dict[str, str] = {}
+    def __init__(self, total: int = 0, max_bad_share: float = 1.0, fail_fast_reads: int = 0):
+        self.reasons: dict[str, tuple[str, str]] = {}
+        self.total, self.max_bad_share, self.fail_fast_reads = total, max_bad_share, fail_fast_reads
+        self.used = 0  # images decoded (not unique: only "any success yet" matters)
+        self.stopped: tuple[str, str] | None = None  # (why, the fix) once the budget is spent
 
-    def add(self, reason: str, uri: str) -> None:
-        self.reasons.setdefault(uri, reason)
+    def ok(self, count: int) -> None:
+        self.used += count
+
+    def add(self, reason: str, uri: str, cause: str = "unreadable") -> tuple[str, str] | None:
+        """Record a skipped image; returns (why the run must stop, the fix) once it must."""
+        self.reasons.setdefault(uri, (reason, cause))
+        bad = len(self.reasons)
+        if self.stopped is None and self.fail_fast_reads and not self.used and bad >= self.fail_fast_reads:
+            self.stopped = self._verdict(f"the first {bad} images all failed")
+        if self.stopped is None and self.total and bad > self.max_bad_share * self.total:
+            self.stopped = self._verdict(f"{bad} of {self.total} images are unusable, over the budget of "
+                                         f"{self.max_bad_share:.0%}")
+        return self.stopped
+
+    def verdict(self) -> tuple[str, str] | None:
+        """Why the run was stopped, if the budget stopped it: what the driver reports, whatever wrapped the
+        error on its way out of the training workers."""
+        return self.stopped
+
+    def _verdict(self, what: str) -> tuple[str, str]:
+        causes = Counter(cause for _, cause in self.reasons.values())
+        cause = causes.most_common(1)[0][0]
+        examples = [uri for uri, (_, c) in self.reasons.items() if c == cause][:3]
+        return f"{what}; mostly {cause} ({causes[cause]}), e.g. {', '.join(examples)}", storage.FAULT_FIXES[cause]
 
     def summary(self) -> dict:
-        examples = [f"{uri}: {reason}" for uri, reason in list(self.reasons.items())[:MAX_EXAMPLES]]
-        return {"total": len(self.reasons), "by_reason": dict(Counter(self.reasons.values())), "examples": examples}
+        examples = [f"{uri}: {reason}" for uri, (reason, _) in list(self.reasons.items())[:MAX_EXAMPLES]]
+        return {"total": len(self.reasons), "by_reason": dict(Counter(r for r, _ in self.reasons.values())),
+                "by_cause": dict(Counter(c for _, c in self.reasons.values())), "examples": examples}
 
 
-def new_tally():
-    """A tally actor for one run; pass it to `build_dataset` and read `.summary.remote()` afterwards."""
-    return BadImageTally.remote()
+def new_tally(total: int = 0, cfg: PipelineConfig | None = None):
+    """A tally actor for one run of `total` images (0: no budget); pass it to `build_dataset` and read
+    `.summary.remote()` afterwards."""
+    cfg = cfg or PipelineConfig()
+    return BadImageTally.remote(total, cfg.max_bad_share, cfg.fail_fast_reads if total else 0)
 
 
 class _ParquetRows:
@@ -141,7 +171,11 @@ def load_images(batch: pa.Table, *, cfg: PipelineConfig, train: bool, settings: 
         log.warning("skipping %s (%s)", where, detail)
         if bad_images is not None:
             # Waited on, so the count is complete once the batch is out (bad images are rare: cheap).
-            ray.get(bad_images.add.remote(reason, where))
+            stop = ray.get(bad_images.add.remote(reason, where, storage.fault_class(reason, detail)))
+            if stop:
+                raise UserError("the data", *stop)
+    if bad_images is not None and images:
+        bad_images.ok.remote(len(images))
     size = cfg.image_size
     return {
         "image": np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8),

@@ -70,6 +70,28 @@ _S3_FAULTS = (
 )
 
 
+FAULT_FIXES = {
+    "credentials": "check the credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, ~/.aws, the instance role)",
+    "endpoint": "check AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL and the network",
+    "missing objects": "the catalog lists files that are gone: re-run `artnet catalog` on the source",
+    "corrupt files": "remove or replace those files (or raise data.max_bad_share to accept the loss)",
+    "unreadable": "check that the files can be read from every node",
+}
+
+
+def fault_class(reason: str, detail: str) -> str:
+    """The cause class of an unusable image, for the bad-data budget's message: credentials, endpoint, missing
+    objects, corrupt files, or unreadable."""
+    if reason != "unreadable":
+        return "corrupt files"  # it was read: its bytes are the problem
+    for needles, cause in ((_S3_FAULTS[1][0], "credentials"), (_S3_FAULTS[0][0], "endpoint"),
+                           (("NoSuchKey", "NOT_FOUND", "Not Found", "404", "FileNotFoundError", "No such file",
+                             "Path does not exist", "NoSuchBucket"), "missing objects")):
+        if any(n in detail for n in needles):
+            return cause
+    return "unreadable"
+
+
 def explain_s3_error(uri: str, error: BaseException) -> UserError | None:
     """A one-line `UserError` for an object-store failure the user can fix (endpoint, credentials, bucket),
     or None when the error is something else."""

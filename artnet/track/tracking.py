@@ -121,6 +121,22 @@ def finish_job_run(uri: str, run_id: str, bad_images: dict, catalog_dir: str) ->
     client.set_terminated(run_id, "FINISHED")
 
 
+def fail_job_run(uri: str, run_id: str, error: BaseException) -> None:
+    """Mark a job's run FAILED with the reason (re-running the job name continues it, as for an unfinished run).
+    Best effort: the job's own error is what the user must see."""
+    import mlflow
+
+    from artnet.errors import find_user_error
+
+    reason = find_user_error(error) or error
+    try:
+        client = mlflow.MlflowClient(uri)
+        client.set_tag(run_id, "artnet.failure", f"{type(reason).__name__}: {reason}"[:4000])
+        client.set_terminated(run_id, "FAILED")
+    except Exception:  # noqa: BLE001 - the tracking store may be what failed
+        pass
+
+
 def model_uri(uri: str, run_id: str) -> str | None:
     """The URI of the model a job logged (what the registry registers), or None if it logged none."""
     import mlflow

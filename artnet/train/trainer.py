@@ -21,6 +21,7 @@ import numpy as np
 
 from artnet import console, metrics
 from artnet.config import JobConfig
+from artnet.errors import UserError
 from artnet.data import storage
 from artnet.model import backbones
 from artnet.model import bundle
@@ -513,7 +514,7 @@ def fit(job: JobConfig, parent_run_id: str | None = None, callbacks: list | None
     if parent_run_id:
         tags[tracking.PARENT_TAG] = parent_run_id
     run_id = tracking.start_job_run(job, uri, tags)
-    bad = pipeline.new_tally()
+    bad = pipeline.new_tally(manifest.num_rows, job.data)
     datasets = {split: pipeline.build_dataset(manifest, split, job.data, train=(split == "train"), bad_images=bad)
                 for split in ("train", "val", "test")}
     scaling = job.scaling
@@ -532,7 +533,15 @@ def fit(job: JobConfig, parent_run_id: str | None = None, callbacks: list | None
             # Only train is split across workers; rank 0 evaluates the whole of val and test.
             dataset_config=DataConfig(datasets_to_split=["train"]),
         )
-        result = trainer.fit()
+        try:
+            result = trainer.fit()
+        except BaseException as e:  # a failed job's run says so (and why), instead of staying RUNNING
+            stop = ray.get(bad.verdict.remote())  # the bad-data budget, however TF and Ray wrapped its error
+            error = UserError("the data", *stop) if stop else e
+            tracking.fail_job_run(uri, run_id, error)
+            if stop:
+                raise error from e
+            raise
     skipped = ray.get(bad.summary.remote())
     tracking.finish_job_run(uri, run_id, skipped, job.catalog)
     checkpoint = result.checkpoint.path

@@ -1,0 +1,68 @@
+"""A run never "succeeds" on lost data: the bad-data budget, fail-fast on reads that all fail, and a failed job's
+MLflow run marked FAILED with the reason. Real local Ray cluster, real MLflow (sqlite), real files."""
+
+import re
+import shutil
+
+import pytest
+
+from artnet.data import storage
+from artnet.errors import find_user_error
+from artnet.train import trainer
+from conftest import tiny_job, write_small_catalog
+
+pytestmark = pytest.mark.slow
+
+
+def failed_run(result_uri, job_name):
+    import mlflow
+
+    client = mlflow.MlflowClient(result_uri)
+    experiment = client.get_experiment_by_name("artnet").experiment_id
+    return client.search_runs([experiment], f"tags.`artnet.job` = '{job_name}'")[0]
+
+
+def test_over_the_bad_data_budget_the_run_stops_naming_the_cause(tmp_path, ray_local):
+    cat = write_small_catalog(tmp_path)  # 72 good paintings and 2 broken files
+    job = tiny_job(cat, tmp_path / "work", "budget", data__max_bad_share="0.01")
+    with pytest.raises(Exception) as raised:
+        trainer.fit(job)
+    error = find_user_error(raised.value)
+    assert error is not None, raised.value
+    text = str(error)
+    # It stops as soon as the budget is spent (here at the first broken file), not at the end of the epoch.
+    assert re.search(r"[12] of 74 images are unusable, over the budget of 1%", text) and "corrupt files" in text
+    assert "zero_byte.jpg" in text or "truncated.jpg" in text
+    run = failed_run(trainer.absolute_paths(job).tracking.tracking_uri or
+                     f"sqlite:///{tmp_path / 'work' / 'mlflow.db'}", "budget")
+    assert run.info.status == "FAILED" and "over the budget" in run.data.tags["artnet.failure"]
+
+
+def test_the_same_run_within_budget_completes_and_counts_what_it_skipped(tmp_path, ray_local):
+    cat = write_small_catalog(tmp_path)
+    result = trainer.fit(tiny_job(cat, tmp_path / "work", "within", train__head_epochs=1, train__finetune_epochs=0))
+    assert result["bad_images"]["total"] == 2 and result["bad_images"]["by_cause"] == {"corrupt files": 2}
+
+
+def test_reads_that_all_fail_stop_the_run_at_once(tmp_path, ray_local):
+    cat = write_small_catalog(tmp_path)
+    shutil.rmtree(tmp_path / "data")  # every file the catalog lists is gone
+    job = tiny_job(cat, tmp_path / "work", "gone", data__fail_fast_reads="8", data__max_bad_share="0.9")
+    with pytest.raises(Exception) as raised:
+        trainer.fit(job)
+    error = find_user_error(raised.value)
+    assert error is not None and "the first 8 images all failed; mostly missing objects" in str(error), raised.value
+    assert "re-run `artnet catalog`" in str(error)
+
+
+@pytest.mark.parametrize("detail, cause", [
+    ("OSError: AWS Error ACCESS_DENIED during GetObject operation: Access Denied", "credentials"),
+    ("OSError: When reading information for key 'a.jpg' in bucket 'b': AWS Error NETWORK_CONNECTION during "
+     "HeadObject operation: curlCode: 7, Couldn't connect to server", "endpoint"),
+    ("FileNotFoundError: [Errno 2] Failed to open local file '/x/a.jpg'. Detail: [errno 2] No such file or "
+     "directory", "missing objects"),
+    ("OSError: Path does not exist 'bucket/a.jpg'. Detail: [errno 2] No such file or directory", "missing objects"),
+])
+def test_read_failures_are_classified_by_what_fixes_them(detail, cause):
+    assert storage.fault_class("unreadable", detail) == cause
+    assert storage.fault_class("truncated", "image file is truncated") == "corrupt files"

@@ -102,6 +102,11 @@ def write_small_catalog(root: Path) -> str:
     return out
 
 
+# What makes the tiny backbone really learn the small catalog's painters (test accuracy 1.0 there).
+LEARNABLE = {"data__image_size": "64", "train__lr": "0.9", "train__batch_size": "4", "train__head_epochs": "6",
+             "train__finetune_epochs": "2"}
+
+
 def tiny_job(catalog_dir, workdir, name, **sets):
     """A job that trains the tiny backbone on 32-px images in seconds; `section__field=value` overrides."""
     from artnet import presets

@@ -16,7 +16,7 @@ from artnet.errors import UserError
 from artnet.model import bundle
 from artnet.serve import predict, registry
 from artnet.train import trainer
-from conftest import bad_files, jpeg_bytes, painting, tiny_job, write_small_catalog
+from conftest import LEARNABLE, bad_files, jpeg_bytes, painting, tiny_job, write_small_catalog
 
 pytestmark = pytest.mark.slow
 
@@ -29,8 +29,7 @@ def trained(request, tmp_path_factory, ray_local):
     uri = (f"sqlite:///{root / 'mlflow.db'}" if request.param == "sqlite"
            else request.getfixturevalue("mlflow_server"))
     runs = {}
-    for name, sets in {"good": {"data__image_size": "64", "train__lr": "0.9", "train__batch_size": "4",
-                                "train__head_epochs": "6", "train__finetune_epochs": "2"},
+    for name, sets in {"good": LEARNABLE,
                        "bad": {"train__lr": "1e-6", "train__head_epochs": "1", "train__finetune_epochs": "0"}}.items():
         job = tiny_job(cat, root / "work", f"{name}-{request.param}", tracking__tracking_uri=uri, **sets)
         runs[name] = trainer.fit(job)

@@ -90,3 +90,18 @@ def test_it_learns_the_painters_and_not_shuffled_labels(tmp_path, ray_local):
     noise = trainer.fit(tiny_job(str(tmp_path / "shuffled"), tmp_path / "work", "noise", **LEARNABLE))["metrics"]
     assert real["test_accuracy"] >= 0.9, real  # 3 painters: chance is 1/3
     assert noise["test_accuracy"] < 0.75, noise  # P(>= 9 of 12 right by chance) < 0.5%
+
+
+def test_early_stopping_ends_each_phase_on_every_worker_at_the_same_epoch(tmp_path, ray_local):
+    """A learning rate of ~0 leaves validation loss flat: with patience 1 each phase stops after its 2nd epoch.
+    Two workers: rank 0 decides and the other must follow through the all-reduce (if it did not, it would wait
+    at the next collective forever and this test would time out)."""
+    import mlflow
+
+    cat = write_small_catalog(tmp_path)
+    job = tiny_job(cat, tmp_path / "work", "patience", scaling__num_workers="2", train__lr="1e-9",
+                   train__patience="1", train__head_epochs="4", train__finetune_epochs="3")
+    result = trainer.fit(job)
+    history = mlflow.MlflowClient(result["tracking_uri"]).get_metric_history(result["run_id"], "train_loss")
+    assert sorted(m.step for m in history) == [1, 2, 5, 6]  # phase 1: epochs 1-2 of 4; phase 2: 5-6 of 7
+    assert result["metrics"]["epoch"] == 7 and result["metrics"]["done"]

@@ -101,3 +101,12 @@ def test_demo_on_the_synthetic_set_names_its_painters(tmp_path):
     predictions = out.stdout.split("a few test paintings", 1)[1].splitlines()[1:]
     assert len(predictions) == 6 and all(" -> " in line for line in predictions), predictions
     assert_readable(out.stdout + out.stderr)
+
+
+def test_every_guarantee_names_a_test_that_exists():
+    body = (REPO / "README.md").read_text().split("## Guarantees\n", 1)[1].split("\n## ", 1)[0]
+    named = re.findall(r"`(tests/[\w/]+\.py)(?:::(\w+))?", body)
+    assert len(named) >= 10
+    for path, test in named:
+        text = (REPO / path).read_text()
+        assert not test or f"def {test}(" in text, f"{path}::{test} is named in the README but does not exist"

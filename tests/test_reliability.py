@@ -105,3 +105,22 @@ def test_early_stopping_ends_each_phase_on_every_worker_at_the_same_epoch(tmp_pa
     history = mlflow.MlflowClient(result["tracking_uri"]).get_metric_history(result["run_id"], "train_loss")
     assert sorted(m.step for m in history) == [1, 2, 5, 6]  # phase 1: epochs 1-2 of 4; phase 2: 5-6 of 7
     assert result["metrics"]["epoch"] == 7 and result["metrics"]["done"]
+
+
+def test_resuming_a_job_with_settings_its_checkpoints_do_not_fit_is_refused(tmp_path, ray_local):
+    from artnet.config import CatalogConfig, ConfigError
+    from artnet.data import catalog
+
+    cat = write_small_catalog(tmp_path)
+    trainer.fit(tiny_job(cat, tmp_path / "work", "keep", train__head_epochs=1, train__finetune_epochs=0))
+    with pytest.raises(ConfigError, match="model.head_width.*checkpoints of job 'keep'.*model.head_width=64"):
+        trainer.fit(tiny_job(cat, tmp_path / "work", "keep", model__head_width="32", train__head_epochs=1,
+                             train__finetune_epochs=0))
+    manifest, painters = catalog.load(cat)
+    two, names = catalog.subset(manifest, painters, painters[:2])
+    catalog.write(catalog.Catalog(two, names, {}), str(tmp_path / "two"), CatalogConfig(source="x"))
+    with pytest.raises(ConfigError, match="painters.*differs from the checkpoints"):
+        trainer.fit(tiny_job(str(tmp_path / "two"), tmp_path / "work", "keep", train__head_epochs=1,
+                             train__finetune_epochs=0))
+    again = trainer.fit(tiny_job(cat, tmp_path / "work", "keep", train__head_epochs=1, train__finetune_epochs=0))
+    assert again["metrics"]["epoch"] == 1  # the same settings resume (here: the finished job, a no-op)

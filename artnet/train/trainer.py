@@ -39,6 +39,7 @@ class TrainState:
     history: list[dict] = field(default_factory=list)
     best_val_loss: float = math.inf
     stopped_phase: int = 0  # a phase that early stopping has ended
+    identity: dict = field(default_factory=dict)  # what the weights fit (see `identity`): checked on resume
 
     def phase_losses(self, phase: int) -> list[float]:
         return [h["val_loss"] for h in self.history if h["phase"] == phase]
@@ -302,6 +303,7 @@ def worker_loop(config: dict) -> None:
         if job.model.head_weights:  # a head trained on cached features (`artnet tune`): phase 1 is done
             classifier.load_head(model, job.model, num_classes, backbones.fetch_weights(job.model.head_weights))
     state, best_weights, optimizer_values = _restore(model)
+    state.identity = config["identity"]
     if rank == 0 and state.epoch:
         console.say(progress, f"resuming at epoch {state.epoch + 1}")
 
@@ -438,6 +440,38 @@ def resolve(job: JobConfig) -> JobConfig:
     return replace(job, data=replace(job.data, image_size=size))
 
 
+def identity(job: JobConfig, painters: list[str]) -> dict[str, str]:
+    """The settings a checkpoint's weights and optimizer state only fit: resuming a job name with others is
+    refused (the weights would not load, or would load into a model that answers another question)."""
+    import hashlib
+
+    return {"model.backbone": job.model.backbone, "model.alpha": str(job.model.alpha),
+            "model.head_depth": str(job.model.head_depth), "model.head_width": str(job.model.head_width),
+            "model.head_halving": str(job.model.head_halving), "data.image_size": str(job.data.image_size),
+            "painters": hashlib.sha256("\n".join(painters).encode()).hexdigest()[:16]}
+
+
+def check_resumable(job: JobConfig, wanted: dict[str, str]) -> None:
+    """Before any work: a job name that already has checkpoints resumes them, so they must fit this job."""
+    from artnet.config import ConfigError
+
+    folder = storage.join(results_dir(job), job.name)
+    try:
+        states = [f.path for f in storage.list_files(folder) if f.path.endswith("/" + CHECKPOINT_STATE)
+                  and "/checkpoint_" in f.path]
+    except FileNotFoundError:
+        return
+    if not states:
+        return
+    latest = storage.to_uri(folder, max(states))
+    found = json.loads(storage.read_bytes(latest)).get("identity") or {}
+    for key, value in found.items():
+        if wanted.get(key) != value:
+            what = "the painters (their names and order)" if key == "painters" else f"{key}={value}"
+            raise ConfigError(key, f"differs from the checkpoints of job '{job.name}' ({what})",
+                              f"use a new --name to start afresh, or resume with {what}")
+
+
 def _check_manifest(manifest, painters: list[str]) -> dict[str, int]:
     from artnet.config import ConfigError
 
@@ -506,6 +540,7 @@ def fit(job: JobConfig, parent_run_id: str | None = None, callbacks: list | None
     manifest, painters = catalog.load(job.catalog)
     counts = _check_manifest(manifest, painters)
     job = resolve(job)
+    check_resumable(job, identity(job, painters))
     console.init_ray()
     _check_cpu_headroom(job)
     uri = tracking.tracking_uri(job)
@@ -522,6 +557,7 @@ def fit(job: JobConfig, parent_run_id: str | None = None, callbacks: list | None
         trainer = TensorflowTrainer(
             train_loop_per_worker=worker_loop,
             train_loop_config={"job": job, "painters": painters, "train_rows": counts["train"], "run_id": run_id,
+                               "identity": identity(job, painters),
                                "class_counts": class_counts(manifest, len(painters)),
                                "tracking_uri": uri, "progress": progress},
             scaling_config=ScalingConfig(

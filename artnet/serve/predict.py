@@ -202,7 +202,8 @@ def summary(table: pa.Table) -> str:
     """One line: how many images were answered, flagged unknown, or unreadable."""
     errors = sum(1 for e in table["error"].to_pylist() if e)
     unknown = sum(1 for u in table["unknown"].to_pylist() if u)
-    return f"{table.num_rows} images: {table.num_rows - errors} answered ({unknown} unknown painter), {errors} unreadable"
+    answered = table.num_rows - errors
+    return f"{table.num_rows} images: {answered} answered ({unknown} unknown painter), {errors} unreadable"
 
 
 def format_table(table: pa.Table) -> str:

@@ -102,7 +102,8 @@ def _check_painters(what: str, painters: list[str], eval_set: EvalSet, name: str
     if set(painters) != set(eval_set.painters):
         missing, extra = set(eval_set.painters) - set(painters), set(painters) - set(eval_set.painters)
         raise UserError(what, f"knows {len(painters)} painters, the evaluation set of '{name}' has "
-                        f"{len(eval_set.painters)} (not known: {sorted(missing)[:5]}, not evaluated: {sorted(extra)[:5]})",
+                        f"{len(eval_set.painters)} (not known: {sorted(missing)[:5]}, "
+                        f"not evaluated: {sorted(extra)[:5]})",
                         "promote it under a registered model for its own painter set (--model-name)")
 
 
@@ -112,8 +113,9 @@ def _cache_tag(eval_set: EvalSet) -> str:
 
 # ---------------------------------------------------------------------------------------------- registry
 
-def _registered_model(client, cfg: RegistryConfig, challenger_catalog: str) -> tuple[object, EvalSet]:
-    """The registered model (created on first use) and its frozen evaluation set."""
+def _registered_model(client, cfg: RegistryConfig, challenger_catalog: str, create: bool = True,
+                      retry: bool = True) -> tuple[object, EvalSet]:
+    """The registered model (created on first use unless not `create`) and its frozen evaluation set."""
     from mlflow.exceptions import MlflowException
 
     try:
@@ -132,11 +134,15 @@ def _registered_model(client, cfg: RegistryConfig, challenger_catalog: str) -> t
                 raise UserError(cfg.eval_catalog, f"differs from the evaluation set '{cfg.model_name}' is frozen on "
                                 f"({frozen})", "leave --eval-catalog out, or promote under a new --model-name")
         return model, eval_set
+    if not create:
+        return None, eval_set
     tags = {EVAL_CATALOG_TAG: eval_set.catalog, EVAL_SHA_TAG: eval_set.sha256}
     try:
         model = client.create_registered_model(cfg.model_name, tags=tags)
-    except MlflowException:  # created meanwhile by a concurrent promotion: use its frozen set
-        return _registered_model(client, cfg, challenger_catalog)
+    except MlflowException:  # created meanwhile by a concurrent promotion: use its frozen set (once)
+        if not retry:
+            raise
+        return _registered_model(client, cfg, challenger_catalog, retry=False)
     return model, eval_set
 
 
@@ -200,17 +206,7 @@ def promote(run: str, cfg: RegistryConfig, dry_run: bool = False) -> Decision:
     if not source:
         raise UserError(f"run {run.info.run_id}", "logged no model (it did not finish?)",
                         "promote a finished training run")
-    if dry_run:
-        from mlflow.exceptions import MlflowException
-
-        try:
-            model = client.get_registered_model(cfg.model_name)
-            frozen = (model.tags or {}).get(EVAL_CATALOG_TAG)
-        except MlflowException:
-            frozen = None
-        eval_set = load_eval_set(frozen or storage.absolute(cfg.eval_catalog or run.data.params["catalog"]))
-    else:
-        _, eval_set = _registered_model(client, cfg, run.data.params["catalog"])
+    _, eval_set = _registered_model(client, cfg, run.data.params["catalog"], create=not dry_run)
     _check_painters(f"run {run.info.run_id}", bundle.read_metadata(source)["painters"], eval_set, cfg.model_name)
     if dry_run:
         challenger = {"version": None, "scores": score(source, uri, eval_set)}

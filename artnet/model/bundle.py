@@ -47,10 +47,15 @@ class ModelBundle:
 
 def read_metadata(model_uri: str) -> dict:
     """artnet's metadata of a logged model, or a clear error for a model that has none."""
+    import re
+
     import mlflow
 
-    info = mlflow.models.get_model_info(model_uri)
-    found = (info.metadata or {}).get(METADATA_KEY)
+    if not re.match(r"^[a-zA-Z][\w+.-]*:", model_uri):  # a copied folder: its MLmodel, no tracking store to ask
+        metadata = mlflow.models.Model.load(model_uri).metadata
+    else:
+        metadata = mlflow.models.get_model_info(model_uri).metadata
+    found = (metadata or {}).get(METADATA_KEY)
     if not found:
         raise UserError(model_uri, "has no artnet metadata (painter names, input size, calibration)",
                         "use a model logged by `artnet train` or `artnet tune`")

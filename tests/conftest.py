@@ -176,6 +176,24 @@ def ray_local(s3_endpoint):
     ray.shutdown()
 
 
+@pytest.fixture(autouse=True)
+def no_placement_group_outlives_its_test():
+    """Frees what Ray Train's PlacementGroupCleaner frees on a real cluster. When Tune ends a fine-tuning trial,
+    its Train controller dies with it, and the cleaner that would then remove the workers' placement group
+    watches controllers through the dashboard's state API, which this test cluster does not run. Left there,
+    the group would hold its CPUs for good, and a later test's workers would wait for them forever."""
+    yield
+    import ray
+
+    if not ray.is_initialized():
+        return
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    for group_id, group in ray.util.placement_group_table().items():
+        if group["state"] != "REMOVED":
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(group_id))))
+
+
 def free_port() -> int:
     import socket
 
@@ -184,32 +202,36 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
-    """A real `mlflow server` on loopback (sqlite behind it, artifacts proxied over HTTP): what a cluster's
-    nodes share instead of one machine's sqlite file."""
+def start_mlflow_server(root: Path, port: int):
+    """A real `mlflow server` on loopback port `port` (sqlite and artifacts under `root`), once it answers;
+    started again on the same `root` and port, it serves the same runs."""
     import subprocess
     import sys
     import time
     import urllib.request
 
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
     server = subprocess.Popen(
         [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
          "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
          "--artifacts-destination", str(root / "artifacts")],
-        stdout=open(root / "server.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
+        stdout=open(root / "server.log", "ab"), stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 120
     while True:
         try:
-            urllib.request.urlopen(f"{uri}/health", timeout=2)
-            break
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+            return server
         except OSError:
             if server.poll() is not None or time.time() > deadline:
                 raise RuntimeError(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
             time.sleep(0.5)
-    yield uri
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on loopback (sqlite behind it, artifacts proxied over HTTP): what a cluster's
+    nodes share instead of one machine's sqlite file."""
+    port = free_port()
+    server = start_mlflow_server(tmp_path_factory.mktemp("mlflow-server"), port)
+    yield f"http://127.0.0.1:{port}"
     server.terminate()
     server.wait(timeout=30)

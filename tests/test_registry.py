@@ -1,5 +1,6 @@
-"""Registry promotion and prediction with real MLflow (sqlite, and an `mlflow server` on loopback), two really
-trained tiny models of different quality, a real local Ray cluster and a loopback S3 endpoint."""
+"""Registry promotion and prediction with a real `mlflow server` on loopback (what a cluster shares), two really
+trained tiny models of different quality, a real local Ray cluster and a loopback S3 endpoint. The same flow on a
+local sqlite store is the README's (tests/test_readme.py runs its promote and predict steps)."""
 
 import json
 import os
@@ -21,17 +22,16 @@ from conftest import LEARNABLE, bad_files, jpeg_bytes, painting, tiny_job, write
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module", params=["sqlite", "server"])
-def trained(request, tmp_path_factory, ray_local):
-    """A good model (trained) and a bad one (a learning rate that barely moves it) in one tracking store."""
-    root = tmp_path_factory.mktemp(f"registry-{request.param}")
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, ray_local, mlflow_server):
+    """A good model (trained) and a bad one (a learning rate that barely moves it) in one tracking server."""
+    root = tmp_path_factory.mktemp("registry")
     cat = write_small_catalog(root)
-    uri = (f"sqlite:///{root / 'mlflow.db'}" if request.param == "sqlite"
-           else request.getfixturevalue("mlflow_server"))
+    uri = mlflow_server
     runs = {}
     for name, sets in {"good": LEARNABLE,
                        "bad": {"train__lr": "1e-6", "train__head_epochs": "1", "train__finetune_epochs": "0"}}.items():
-        job = tiny_job(cat, root / "work", f"{name}-{request.param}", tracking__tracking_uri=uri, **sets)
+        job = tiny_job(cat, root / "work", name, tracking__tracking_uri=uri, **sets)
         runs[name] = trainer.fit(job)
     return {"uri": uri, "catalog": cat, "root": root, **runs}
 

@@ -1,8 +1,12 @@
-"""A run never "succeeds" on lost data: the bad-data budget, fail-fast on reads that all fail, and a failed job's
-MLflow run marked FAILED with the reason. Real local Ray cluster, real MLflow (sqlite), real files."""
+"""A run never "succeeds" on lost data: the bad-data budget, fail-fast on reads that all fail, a failed job's
+MLflow run marked FAILED with the reason, a tracking server that goes away mid-run. Real local Ray cluster, real
+MLflow (sqlite, or a server on loopback), real files."""
 
+import json
 import re
 import shutil
+import threading
+import time
 
 import pytest
 
@@ -124,3 +128,57 @@ def test_resuming_a_job_with_settings_its_checkpoints_do_not_fit_is_refused(tmp_
                              train__finetune_epochs=0))
     again = trainer.fit(tiny_job(cat, tmp_path / "work", "keep", train__head_epochs=1, train__finetune_epochs=0))
     assert again["metrics"]["epoch"] == 1  # the same settings resume (here: the finished job, a no-op)
+
+
+def test_a_tracking_server_away_mid_run_gets_every_epoch_once_when_it_returns(tmp_path, ray_local):
+    """The server stops after the first epoch reached it and comes back two checkpoints later: training never
+    waited for it, and the run holds each epoch's metrics exactly once and ends FINISHED."""
+    import mlflow
+
+    from conftest import free_port, start_mlflow_server
+
+    root, port = tmp_path / "server", free_port()
+    root.mkdir()
+    uri = f"http://127.0.0.1:{port}"
+    server = start_mlflow_server(root, port)
+    cat = write_small_catalog(tmp_path)
+    job = tiny_job(cat, tmp_path / "work", "away", tracking__tracking_uri=uri, train__head_epochs="3",
+                   train__finetune_epochs="3")
+    run_dir = tmp_path / "work" / "ray_results" / "away"
+    seen = {}
+
+    def checkpointed_epochs() -> int:
+        done = [0]
+        for state in run_dir.glob(f"checkpoint_*/{trainer.CHECKPOINT_STATE}"):
+            try:
+                done.append(len(json.loads(state.read_text())["history"]))
+            except (OSError, ValueError):  # Ray is writing or deleting it
+                pass
+        return max(done)
+
+    def outage():
+        nonlocal server
+        client, deadline = mlflow.MlflowClient(uri), time.time() + 300
+        while time.time() < deadline and not seen:
+            runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+            if runs and client.get_metric_history(runs[0].info.run_id, "train_loss"):
+                server.terminate()
+                server.wait(timeout=30)
+                seen["stopped"] = checkpointed_epochs()
+            time.sleep(0.2)
+        while time.time() < deadline and checkpointed_epochs() < seen.get("stopped", 0) + 2:
+            time.sleep(0.2)
+        seen["restarted"] = checkpointed_epochs()
+        server = start_mlflow_server(root, port)
+
+    watcher = threading.Thread(target=outage, daemon=True)
+    watcher.start()
+    try:
+        result = trainer.fit(job)
+        watcher.join(timeout=60)
+        assert seen["restarted"] >= seen["stopped"] + 2, "epochs were trained while the server was away"
+        client = mlflow.MlflowClient(uri)
+        assert sorted(m.step for m in client.get_metric_history(result["run_id"], "train_loss")) == [1, 2, 3, 4, 5, 6]
+        assert client.get_run(result["run_id"]).info.status == "FINISHED"
+    finally:
+        server.terminate()

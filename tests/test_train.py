@@ -69,6 +69,11 @@ def test_two_workers_multi_worker_strategy_trains(small_catalog, tmp_path, ray_l
     assert client.get_run(result["run_id"]).data.params["scaling.num_workers"] == "2"
 
 
+def logged_epochs(result) -> list[int]:
+    """The steps of the run's per-epoch metrics, as MLflow holds them (a duplicate shows twice)."""
+    return sorted(m.step for m in mlflow_client(result).get_metric_history(result["run_id"], "train_loss"))
+
+
 def _train_worker_pids() -> list[int]:
     """PIDs of this test cluster's live training workers, from its GCS (never another Ray cluster's on the same
     machine; the public state API needs the dashboard, which the test cluster does not start)."""
@@ -100,6 +105,7 @@ def test_restart_and_rerun_resume_from_checkpoint(small_catalog, tmp_path, ray_l
     assert killed, "a training worker was killed mid-run"
     state = json.loads(Path(result["checkpoint"], trainer.CHECKPOINT_STATE).read_text())
     assert [h["epoch"] for h in state["history"]] == [1, 2, 3, 4], "each epoch ran once across the restart"
+    assert logged_epochs(result) == [1, 2, 3, 4], "MLflow holds each epoch exactly once across the restart"
     with np.load(Path(result["checkpoint"], "optimizer.npz")) as opt:
         iterations = int(opt["arr_0"])
     manifest, _ = catalog.load(small_catalog)
@@ -112,6 +118,7 @@ def test_restart_and_rerun_resume_from_checkpoint(small_catalog, tmp_path, ray_l
     again = trainer.fit(longer)
     state = json.loads(Path(again["checkpoint"], trainer.CHECKPOINT_STATE).read_text())
     assert [h["epoch"] for h in state["history"]] == [1, 2, 3, 4, 5]
+    assert logged_epochs(again) == [1, 2, 3, 4, 5]
     # Re-running a finished job trains nothing more and keeps its state.
     done = trainer.fit(longer)
     state = json.loads(Path(done["checkpoint"], trainer.CHECKPOINT_STATE).read_text())

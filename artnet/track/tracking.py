@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -19,6 +20,7 @@ from artnet.track import plots
 
 JOB_TAG = "artnet.job"
 MODEL_URI_TAG = "artnet.model_uri"
+EPOCH_METRIC = "train_loss"  # logged at every epoch: its steps are the epochs a run holds
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own tag for nested runs
 
 
@@ -145,13 +147,49 @@ def model_uri(uri: str, run_id: str) -> str | None:
 
 
 class WorkerRun:
-    """Rank 0's handle on the job's run: per-epoch metrics, then the final artifacts and model."""
+    """Rank 0's handle on the job's run: per-epoch metrics, then the final artifacts and model.
+
+    The checkpoint's history is the record of epochs; the run mirrors it (`mirror`), so MLflow holds each epoch
+    exactly once however often workers restart, and training never waits for the tracking server."""
 
     def __init__(self, uri: str, run_id: str):
         import mlflow
 
         self.client = mlflow.MlflowClient(uri)
         self.uri, self.run_id = uri, run_id
+        self.failure: Exception | None = None  # why the last delivery failed, until one succeeds
+        self._delivery: threading.Thread | None = None
+
+    def sync_epochs(self, history: list[dict]) -> None:
+        """Log each epoch of `history` that the run does not hold yet (its `train_loss` steps say which)."""
+        logged = {m.step for m in self.client.get_metric_history(self.run_id, EPOCH_METRIC)}
+        for record in history:
+            if int(record["epoch"]) not in logged:
+                self.log_epoch(record)
+
+    def mirror(self, history: list[dict]) -> None:
+        """`sync_epochs` in the background, called once an epoch's checkpoint is saved. While the tracking server
+        is away its deliveries fail (after MLflow's own retries) and a later call delivers what it missed; a call
+        made while one is under way is left to the next."""
+        if self._delivery is not None and self._delivery.is_alive():
+            return
+
+        def deliver(records: list[dict]) -> None:
+            try:
+                self.sync_epochs(records)
+                self.failure = None
+            except Exception as e:  # noqa: BLE001 - any tracking failure: the next call tries again
+                self.failure = e
+
+        self._delivery = threading.Thread(target=deliver, args=(list(history),), daemon=True)
+        self._delivery.start()
+
+    def flush(self, history: list[dict]) -> None:
+        """Deliver every epoch before the final report; raises if the tracking server is still away."""
+        if self._delivery is not None:
+            self._delivery.join()
+        self.sync_epochs(history)
+        self.failure = None
 
     def log_epoch(self, record: dict) -> None:
         import mlflow

@@ -310,13 +310,15 @@ def worker_loop(config: dict) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     train_data = strategy.distribute_datasets_from_function(lambda _: _tf_dataset(train_shard, tcfg.batch_size, size))
     run = tracking.WorkerRun(config["tracking_uri"], config["run_id"]) if rank == 0 else None
+    if run is not None:
+        run.mirror(state.history)  # epochs a lost worker group checkpointed but never logged
     worker_sum, predict = make_worker_sum(strategy), make_predict(model)
 
     def split_batches(split: str):
         return ray.train.get_dataset_shard(split).iter_batches(batch_size=job.data.batch_size, batch_format="numpy")
 
     total_epochs = tcfg.head_epochs + tcfg.finetune_epochs
-    phase, optimizer, step_fn = 0, None, None
+    phase, optimizer, step_fn, warned = 0, None, None, False
     while state.epoch < total_epochs:
         epoch = state.epoch
         if state.stopped_phase == schedule.phase_of(epoch, tcfg.head_epochs):  # early stop ended this phase
@@ -354,9 +356,14 @@ def worker_loop(config: dict) -> None:
         if stopped:
             state.stopped_phase = phase
         if rank == 0:
-            run.log_epoch(record)
             console.say(progress, _epoch_line(record, total_epochs, stopped))
         _report({**record, "done": False}, rank, model, [v.numpy() for v in optimizer.variables], best_weights, state)
+        if rank == 0:  # once its checkpoint is saved: a restart that re-runs the epoch cannot log it twice
+            if run.failure is not None and not warned:
+                console.say(progress, f"tracking server unreachable ({type(run.failure).__name__}): training goes "
+                                      "on, its epochs are logged when it returns")
+            warned = run.failure is not None
+            run.mirror(state.history)
 
     if best_weights is not None:
         model.set_weights(best_weights)
@@ -364,6 +371,7 @@ def worker_loop(config: dict) -> None:
     final = {"epoch": state.epoch, "done": True, "run_id": config["run_id"],
              **{k: v for k, v in (state.history[-1] if state.history else {}).items() if k.startswith("val_")}}
     if rank == 0:
+        run.flush(state.history)
         calibration, test, cm, examples = _calibrate_and_test(predict, split_batches, num_classes,
                                                               tcfg.false_flag_rate)
         final.update({f"test_{k}": v for k, v in test.items()})

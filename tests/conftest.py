@@ -56,6 +56,7 @@ def bad_files() -> dict[str, bytes]:
         "truncated.jpg": good[: len(good) // 2],
         "corrupt.jpg": good[:200] + bytes(np.random.default_rng(0).integers(0, 255, 2000, dtype=np.uint8)),
         "huge.png": png_bytes(bomb),
+        "html.jpg": b"<!DOCTYPE html><html><head><title>403 Forbidden</title></head><body>Access denied</body></html>",
     }
 
 
@@ -72,7 +73,26 @@ def odd_but_good_files() -> dict[str, bytes]:
         "alpha.png": png_bytes(rgba),
         "palette.png": png_bytes(palette),
         "sixteen_bit.png": png_bytes(Image.fromarray((arr[..., 0].astype(np.uint16) * 257))),
+        "animated.gif": gif_bytes([Image.fromarray(arr), Image.fromarray(255 - arr)]),
+        "exif_rotated.jpg": exif_rotated_jpeg(arr),
+        "one_pixel.png": png_bytes(Image.new("RGB", (1, 1), (200, 30, 60))),
+        "extreme_aspect.png": png_bytes(Image.fromarray(arr).resize((arr.shape[1] * 8, 4))),
     }
+
+
+def gif_bytes(frames: list) -> bytes:
+    buf = io.BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    return buf.getvalue()
+
+
+def exif_rotated_jpeg(arr: np.ndarray) -> bytes:
+    """A JPEG stored sideways with EXIF orientation 6 ("rotate 90 degrees clockwise to display"), as cameras write."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "JPEG", quality=90, exif=exif.tobytes())
+    return buf.getvalue()
 
 
 def write_folder_set(root: Path, painters: dict[str, int], extra: dict[str, dict[str, bytes]] | None = None) -> None:

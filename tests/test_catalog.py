@@ -74,6 +74,17 @@ def test_parquet_with_class_indices_and_names_in_metadata(tmp_path):
     assert [r["row"] for r in klee] == [0, 1]
 
 
+@pytest.mark.parametrize("damage", ["truncated", "not_parquet"])
+def test_a_damaged_parquet_file_is_named_not_skipped(tmp_path, damage):
+    hf_parquet(tmp_path / "train-0.parquet", ["Goya", "Rubens"])
+    hf_parquet(tmp_path / "train-1.parquet", ["Goya", "Rubens"])
+    data = (tmp_path / "train-1.parquet").read_bytes()
+    (tmp_path / "train-1.parquet").write_bytes(data[:len(data) // 2] if damage == "truncated" else b"<html>" * 50)
+    with pytest.raises(ConfigError, match=r"catalog.source.*train-1.parquet is not a readable Parquet file") as err:
+        catalog.build(CatalogConfig(source=str(tmp_path)))
+    assert "re-export or remove" in err.value.fix
+
+
 def test_parquet_with_artist_names(tmp_path):
     hf_parquet(tmp_path / "data.parquet", ["Goya", "Goya", "Rubens"])
     cat = catalog.build(CatalogConfig(source=str(tmp_path / "data.parquet")))

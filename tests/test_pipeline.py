@@ -36,7 +36,7 @@ def test_local_folder_with_bad_and_odd_images(tmp_path, ray_local):
     assert Counter(out["label"].tolist()) == {0: 14, 1: 10 + len(odd_but_good_files())}
     summary = ray_local.get(bad.summary.remote())
     assert summary["total"] == len(bad_files())
-    assert summary["by_reason"] == {"empty": 1, "not_an_image": 1, "corrupt": 2, "too_large": 1}
+    assert summary["by_reason"] == {"empty": 1, "not_an_image": 2, "corrupt": 2, "too_large": 1}
     assert len(set(out["key"].tolist())) == good
 
 

@@ -4,6 +4,7 @@ from PIL import Image
 
 from artnet.config import AugmentConfig, ConfigError, PipelineConfig
 from artnet.data import transforms
+import conftest
 from conftest import bad_files, jpeg_bytes, odd_but_good_files, painting, png_bytes
 
 AUG = AugmentConfig()
@@ -14,7 +15,21 @@ LIMIT = 64_000_000
 def test_any_mode_decodes_to_rgb(name):
     out = transforms.preprocess(odd_but_good_files()[name], 64, LIMIT, AUG)
     assert out.shape == (64, 64, 3) and out.dtype == np.uint8
-    assert out.std() > 5, "the picture survived decoding (not blank)"
+    assert out.std() > 5 or name == "one_pixel.png", "the picture survived decoding (not blank)"
+
+
+def test_one_pixel_fills_the_crop_with_its_colour():
+    img = transforms.decode(odd_but_good_files()["one_pixel.png"], 64, LIMIT)
+    assert (np.asarray(transforms.affine_crop(img, 64)) == (200, 30, 60)).all()
+
+
+def test_exif_orientation_is_applied():
+    """Stored 96 wide and 64 high, shown (and decoded) 64 wide and 96 high, the stored left edge on top."""
+    stored = np.zeros((64, 96, 3), np.uint8)
+    stored[:, :10] = (255, 0, 0)  # a red band down the stored left edge
+    out = np.asarray(transforms.decode(conftest.exif_rotated_jpeg(stored), 64, LIMIT))
+    assert out.shape == (96, 64, 3)
+    assert out[:8].mean(axis=(0, 1))[0] > 200 and out[-8:].mean(axis=(0, 1))[0] < 50
 
 
 @pytest.mark.parametrize("name", sorted(bad_files()))
@@ -22,7 +37,7 @@ def test_bad_input_raises_bad_image_with_reason(name):
     with pytest.raises(transforms.BadImage) as err:
         transforms.preprocess(bad_files()[name], 64, LIMIT, AUG)
     expected = {"zero_byte.jpg": "empty", "not_an_image.jpg": "not_an_image", "truncated.jpg": "corrupt",
-                "corrupt.jpg": "corrupt", "huge.png": "too_large"}[name]
+                "corrupt.jpg": "corrupt", "huge.png": "too_large", "html.jpg": "not_an_image"}[name]
     assert err.value.reason == expected
 
 

@@ -203,12 +203,16 @@ def read_parquet_images(source: str, files: list) -> Listing:
     for info in files:
         if not info.path.endswith(".parquet"):
             continue
-        pf = pq.ParquetFile(info.path, filesystem=fs)
-        schema = pf.schema_arrow
-        artist_col = _pick_column(schema.names, ARTIST_COLUMNS, "artist", info.path)
-        names = _label_names(schema, artist_col)
-        has_path = "image" in schema.names and pa.types.is_struct(schema.field("image").type)
-        table = pf.read(columns=[artist_col] + (["image.path"] if has_path else []))
+        try:
+            pf = pq.ParquetFile(info.path, filesystem=fs)
+            schema = pf.schema_arrow
+            artist_col = _pick_column(schema.names, ARTIST_COLUMNS, "artist", info.path)
+            names = _label_names(schema, artist_col)
+            has_path = "image" in schema.names and pa.types.is_struct(schema.field("image").type)
+            table = pf.read(columns=[artist_col] + (["image.path"] if has_path else []))
+        except (pa.ArrowException, OSError) as e:  # a whole file of paintings: never skipped in silence
+            raise ConfigError("catalog.source", f"{storage.to_uri(source, info.path)} is not a readable Parquet "
+                              f"file ({type(e).__name__}: {e})", "re-export or remove that file") from None
         artists = table[artist_col].to_pylist()
         image_paths = [(p or {}).get("path") for p in table["image"].to_pylist()] if has_path else [None] * len(artists)
         rel = _relative(info.path, fs_root) if info.path != fs_root else posixpath.basename(info.path)

@@ -145,7 +145,8 @@ def print_result(result: dict) -> None:
           f"balanced accuracy {m.get('test_balanced_accuracy', nan):.3f}, macro-F1 {m.get('test_macro_f1', nan):.3f} "
           f"over {len(result['painters'])} painters")
     bad = result["bad_images"]
-    print(f"bad images skipped: {bad['total']} {bad['by_reason'] or ''}")
+    print(f"bad images skipped: {bad['total']} {bad['by_reason'] or ''}"
+          + (f"; reads retried after storage faults: {bad['storage_retries']}" if bad["storage_retries"] else ""))
     print(f"checkpoints: {result['checkpoint']}")
     print(f"MLflow run {result['run_id']} in {result['tracking_uri']}")
     print(f"browse it:   mlflow ui --backend-store-uri {result['tracking_uri']}")

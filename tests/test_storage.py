@@ -35,3 +35,30 @@ def test_local_paths_and_file_uris(tmp_path):
 def test_unsupported_scheme_is_a_clear_error():
     with pytest.raises(ValueError, match="use a local path or s3://"):
         storage.resolve("gs://bucket/x")
+
+
+@pytest.mark.parametrize("kind", ["slow_down", "internal_error", "reset"])
+def test_reads_retry_transient_faults_a_bounded_number_of_times(s3_bucket, monkeypatch, kind):
+    from faults import FaultyProxy
+
+    storage.write_bytes(f"s3://{s3_bucket}/retry/a.bin", b"painting")
+    monkeypatch.setattr(storage, "BACKOFF_S", (0.001, 0.01))
+    with FaultyProxy(storage.S3Settings.from_env().endpoint, rate=0.2, seed=1, kinds=(kind,)) as proxy:
+        via = storage.S3Settings(proxy.endpoint, "us-east-1")
+        retried = []
+        assert [storage.read_bytes(f"s3://{s3_bucket}/retry/a.bin", via, retried) for _ in range(10)] == [b"painting"] * 10
+        assert 0 < len(retried) <= proxy.injected[kind]
+        proxy.rate, retried = 1.0, []
+        with pytest.raises(Exception):
+            storage.read_bytes(f"s3://{s3_bucket}/retry/a.bin", via, retried)
+        assert len(retried) == storage.S3_ATTEMPTS - 1, "tries are bounded"
+
+
+def test_a_missing_object_or_a_refused_credential_is_not_retried(s3_bucket):
+    retried = []
+    with pytest.raises(FileNotFoundError):
+        storage.read_bytes(f"s3://{s3_bucket}/retry/nope.bin", None, retried)
+    assert retried == []
+    assert not storage.is_transient(OSError("AWS Error ACCESS_DENIED during GetObject operation: Access Denied"))
+    assert not storage.is_transient(OSError("AWS Error NETWORK_CONNECTION during GetObject operation: curlCode: 7, "
+                                            "Couldn't connect to server"))

@@ -40,10 +40,12 @@ class BadImageTally:
         self.reasons: dict[str, tuple[str, str]] = {}
         self.total, self.max_bad_share, self.fail_fast_reads = total, max_bad_share, fail_fast_reads
         self.used = 0  # images decoded (not unique: only "any success yet" matters)
+        self.retries = 0  # reads tried again after a transient storage fault (and then read)
         self.stopped: tuple[str, str] | None = None  # (why, the fix) once the budget is spent
 
-    def ok(self, count: int) -> None:
+    def ok(self, count: int, retries: int = 0) -> None:
         self.used += count
+        self.retries += retries
 
     def add(self, reason: str, uri: str, cause: str = "unreadable") -> tuple[str, str] | None:
         """Record a skipped image; returns (why the run must stop, the fix) once it must."""
@@ -70,7 +72,8 @@ class BadImageTally:
     def summary(self) -> dict:
         examples = [f"{uri}: {reason}" for uri, (reason, _) in list(self.reasons.items())[:MAX_EXAMPLES]]
         return {"total": len(self.reasons), "by_reason": dict(Counter(r for r, _ in self.reasons.values())),
-                "by_cause": dict(Counter(c for _, c in self.reasons.values())), "examples": examples}
+                "by_cause": dict(Counter(c for _, c in self.reasons.values())), "examples": examples,
+                "storage_retries": self.retries}
 
 
 def new_tally(total: int = 0, cfg: PipelineConfig | None = None):
@@ -122,16 +125,18 @@ def _rng_for(key: str, seed: int | None) -> np.random.Generator:
 _io_pool: ThreadPoolExecutor | None = None
 
 
-def fetch(uris: list[str], rows: list[int], settings: storage.S3Settings) -> list[bytes | Exception]:
+def fetch(uris: list[str], rows: list[int], settings: storage.S3Settings,
+          retried: list | None = None) -> list[bytes | Exception]:
     """The bytes of every image of a batch, or the error that stopped each. Object-store reads run concurrently
-    (an S3 GET is tens of milliseconds of waiting); images inside Parquet go through the row-group cache."""
+    (an S3 GET is tens of milliseconds of waiting); images inside Parquet go through the row-group cache.
+    Transient storage faults are retried (see `storage.read_bytes`), each retry appended to `retried`."""
     global _io_pool
     if _io_pool is None:
         _io_pool = ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="artnet-read")
 
     def read(uri: str) -> bytes | Exception:
         try:
-            return storage.read_bytes(uri, settings)
+            return storage.read_bytes(uri, settings, retried)
         except Exception as e:  # missing object, permissions, network: the run goes on without this image
             return e
 
@@ -153,9 +158,9 @@ def load_images(batch: pa.Table, *, cfg: PipelineConfig, train: bool, settings: 
                 bad_images=None) -> dict[str, np.ndarray]:
     """One Ray Data batch of manifest rows -> {"image", "label", "key"}; unusable images are dropped and counted."""
     uris, rows = batch["uri"].to_pylist(), batch["row"].to_pylist()
-    images, labels, keys = [], [], []
+    images, labels, keys, retried = [], [], [], []
     for key, uri, row, label, data in zip(batch["key"].to_pylist(), uris, rows, batch["label"].to_pylist(),
-                                          fetch(uris, rows, settings)):
+                                          fetch(uris, rows, settings, retried)):
         if isinstance(data, Exception):
             reason, detail = "unreadable", f"{type(data).__name__}: {data}"
         else:
@@ -174,8 +179,8 @@ def load_images(batch: pa.Table, *, cfg: PipelineConfig, train: bool, settings: 
             stop = ray.get(bad_images.add.remote(reason, where, storage.fault_class(reason, detail)))
             if stop:
                 raise UserError("the data", *stop)
-    if bad_images is not None and images:
-        bad_images.ok.remote(len(images))
+    if bad_images is not None and (images or retried):
+        bad_images.ok.remote(len(images), len(retried))
     size = cfg.image_size
     return {
         "image": np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8),

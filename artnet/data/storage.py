@@ -13,6 +13,8 @@ import contextlib
 import functools
 import os
 import posixpath
+import random
+import time
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
@@ -79,6 +81,27 @@ FAULT_FIXES = {
 }
 
 
+# Faults that pass (the AWS SDK's error names as pyarrow passes them on): retried with backoff. A refused
+# connection (curl 7) is not among them: nothing listens there, and the user should hear so at once.
+_TRANSIENT = ("SLOW_DOWN", "SERVICE_UNAVAILABLE", "INTERNAL_FAILURE", "THROTTLING", "REQUEST_TIMEOUT",
+              "HTTP status 500", "HTTP status 502", "HTTP status 503", "HTTP status 504",
+              "curlCode: 8,", "curlCode: 18,", "curlCode: 28,", "curlCode: 52,", "curlCode: 55,", "curlCode: 56,")
+S3_ATTEMPTS = 5  # tries of one S3 request through transient faults; 403/404 are never retried
+BACKOFF_S = (0.05, 2.0)  # full-jitter exponential backoff: first step, cap
+
+
+def is_transient(error: BaseException) -> bool:
+    """A throttled, failed-on-the-server or reset request, worth trying again (not a missing object or a
+    refused credential)."""
+    return (isinstance(error, OSError) and not isinstance(error, FileNotFoundError)
+            and any(n in str(error) for n in _TRANSIENT))
+
+
+def backoff_s(attempt: int) -> float:
+    first, cap = BACKOFF_S
+    return random.uniform(0, min(cap, first * 2 ** attempt))
+
+
 def fault_class(reason: str, detail: str) -> str:
     """The cause class of an unusable image, for the bad-data budget's message: credentials, endpoint, missing
     objects, corrupt files, or unreadable."""
@@ -107,6 +130,8 @@ def explain_s3_error(uri: str, error: BaseException) -> UserError | None:
 def _explained(uri: str):
     try:
         yield
+    except FileNotFoundError:
+        raise  # a missing object, not a missing bucket: its URI says it all
     except OSError as e:
         explained = explain_s3_error(uri, e) if is_s3(uri) else None
         if explained is None:
@@ -115,8 +140,10 @@ def _explained(uri: str):
 
 
 @functools.lru_cache(maxsize=8)
-def _s3_filesystem(settings: S3Settings) -> pafs.S3FileSystem:
-    kwargs: dict = {}
+def _s3_filesystem(settings: S3Settings, attempts: int = S3_ATTEMPTS) -> pafs.S3FileSystem:
+    """The SDK retries transient faults itself (`attempts` tries), except on the filesystem `read_bytes`
+    uses (1 try), which retries them where it can count them."""
+    kwargs: dict = {"retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=attempts)}
     if settings.endpoint:
         parsed = urlparse(settings.endpoint)
         kwargs["endpoint_override"] = parsed.netloc or parsed.path
@@ -151,10 +178,26 @@ def join(base: str, *parts: str) -> str:
     return posixpath.join(base.rstrip("/"), *parts)
 
 
-def read_bytes(uri: str, settings: S3Settings | None = None) -> bytes:
-    fs, path = resolve(uri, settings)
-    with _explained(uri), fs.open_input_stream(path) as f:
-        return f.read()
+def read_bytes(uri: str, settings: S3Settings | None = None, retried: list | None = None) -> bytes:
+    """The object's bytes. Transient S3 faults are retried here, up to `S3_ATTEMPTS` tries with backoff, each
+    retry's error appended to `retried` (what the pipeline counts); other errors raise at once."""
+    if not is_s3(uri):
+        fs, path = resolve(uri, settings)
+        with _explained(uri), fs.open_input_stream(path) as f:
+            return f.read()
+    fs, path = _s3_filesystem(settings or S3Settings.from_env(), 1), uri[len("s3://"):]
+    for attempt in range(S3_ATTEMPTS):
+        try:
+            with fs.open_input_stream(path) as f:
+                return f.read()
+        except OSError as e:
+            if attempt < S3_ATTEMPTS - 1 and is_transient(e):
+                if retried is not None:
+                    retried.append(e)
+                time.sleep(backoff_s(attempt))
+                continue
+            with _explained(uri):
+                raise
 
 
 def write_bytes(uri: str, data: bytes, settings: S3Settings | None = None) -> None:

@@ -111,6 +111,7 @@ def finish_job_run(uri: str, run_id: str, bad_images: dict, catalog_dir: str) ->
 
     client = mlflow.MlflowClient(uri)
     client.log_metric(run_id, "bad_images_skipped", bad_images["total"])
+    client.log_metric(run_id, "storage_retries", bad_images.get("storage_retries", 0))
     client.set_tag(run_id, "bad_images", json.dumps(bad_images["by_reason"]))
     with tempfile.TemporaryDirectory() as d:
         with open(os.path.join(d, "bad_images.json"), "w") as f:

@@ -37,6 +37,7 @@ def test_local_folder_with_bad_and_odd_images(tmp_path, ray_local):
     summary = ray_local.get(bad.summary.remote())
     assert summary["total"] == len(bad_files())
     assert summary["by_reason"] == {"empty": 1, "not_an_image": 2, "corrupt": 2, "too_large": 1}
+    assert sorted(uri.rsplit("/", 1)[1] for uri in summary["files"]) == sorted(bad_files())
     assert len(set(out["key"].tolist())) == good
 
 

@@ -50,6 +50,8 @@ def test_one_worker_trains_and_mlflow_holds_everything(small_catalog, tmp_path, 
     assert {"confusion_matrix.png", "confusion_matrix.csv", "training_curves.png", "gradcam_test.png",
             "per_painter.json", "bad_images.json", "manifest.parquet", "labels.json"} <= artifacts
     per_painter = json.loads(Path(client.download_artifacts(run.info.run_id, "per_painter.json", str(tmp_path))).read_text())
+    bad = json.loads(Path(client.download_artifacts(run.info.run_id, "bad_images.json", str(tmp_path))).read_text())
+    assert sorted(uri.rsplit("/", 1)[1] for uri in bad["files"]) == ["truncated.jpg", "zero_byte.jpg"]
     assert sorted(per_painter) == result["painters"]
     # The registered-able model predicts exactly what the trained model in the final checkpoint predicts.
     mlflow.set_tracking_uri(result["tracking_uri"])

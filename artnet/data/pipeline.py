@@ -26,7 +26,6 @@ from artnet.data import storage, transforms
 
 log = logging.getLogger(__name__)
 
-MAX_EXAMPLES = 20
 IO_THREADS = 16  # concurrent object reads per decode task
 
 
@@ -70,10 +69,11 @@ class BadImageTally:
         return f"{what}; mostly {cause} ({causes[cause]}), e.g. {', '.join(examples)}", storage.FAULT_FIXES[cause]
 
     def summary(self) -> dict:
-        examples = [f"{uri}: {reason}" for uri, (reason, _) in list(self.reasons.items())[:MAX_EXAMPLES]]
+        """Counts, and every skipped file with its reason (the run's `bad_images.json`: within the budget, at most
+        a few percent of the collection)."""
         return {"total": len(self.reasons), "by_reason": dict(Counter(r for r, _ in self.reasons.values())),
-                "by_cause": dict(Counter(c for _, c in self.reasons.values())), "examples": examples,
-                "storage_retries": self.retries}
+                "by_cause": dict(Counter(c for _, c in self.reasons.values())),
+                "files": {uri: reason for uri, (reason, _) in self.reasons.items()}, "storage_retries": self.retries}
 
 
 def new_tally(total: int = 0, cfg: PipelineConfig | None = None):

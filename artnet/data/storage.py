@@ -239,6 +239,8 @@ def ray_storage(uri: str) -> dict:
 def boto3_client(settings: S3Settings | None = None):
     """A boto3 S3 client configured like the pyarrow filesystem (same endpoint and region)."""
     import boto3
+    from botocore.config import Config
 
     settings = settings or S3Settings.from_env()
-    return boto3.client("s3", endpoint_url=settings.endpoint, region_name=settings.region)
+    return boto3.client("s3", endpoint_url=settings.endpoint, region_name=settings.region,
+                        config=Config(retries={"mode": "standard", "max_attempts": S3_ATTEMPTS}))

@@ -94,7 +94,7 @@ def test_two_consumers_cover_the_epoch_without_overlap(tmp_path, ray_local):
         for batch in it.iter_batches(batch_size=4, batch_format="numpy"):
             seen[i].extend(batch["key"].tolist())
 
-    threads = [threading.Thread(target=consume, args=(i, it)) for i, it in enumerate(pipeline.shards(ds, 2, equal=False))]
+    threads = [threading.Thread(target=consume, args=(i, it)) for i, it in enumerate(ds.streaming_split(2, equal=False))]
     for t in threads:
         t.start()
     for t in threads:

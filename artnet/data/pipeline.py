@@ -245,9 +245,3 @@ def inference_pool(use_gpu: bool):
     gpus = int(ray.cluster_resources().get("GPU", 0)) if use_gpu else 0
     cpus = int(ray.cluster_resources().get("CPU", 1))
     return (gpus, {"num_gpus": 1}) if gpus else (max(1, min(4, cpus - 1)), {"num_cpus": 1})
-
-
-def shards(ds: ray.data.Dataset, n: int, *, equal: bool = True) -> list:
-    """Split a dataset into `n` streaming iterators, one per training consumer, read concurrently.
-    `equal=True` trims the remainder so every consumer runs the same number of steps."""
-    return ds.streaming_split(n, equal=equal)

@@ -19,13 +19,14 @@ _ERRORS = {"slow_down": (503, "SlowDown", "Please reduce your request rate."),
 
 class FaultyProxy:
     """`endpoint` is the proxy's URL. `rate` of the requests fail, each with a kind drawn from `kinds`;
-    `injected` counts them by kind and `passed` the requests forwarded."""
+    `injected` counts them by kind, `passed` the requests forwarded and `requests` lists them."""
 
     def __init__(self, target: str, rate: float, seed: int = 0, kinds: tuple[str, ...] = KINDS,
                  slow_s: float = 0.3):
         self.rate, self.kinds, self.slow_s = rate, kinds, slow_s
         self.injected: Counter = Counter()
         self.passed = 0
+        self.requests: list[tuple[str, str]] = []  # (method, path) of every request passed on
         self._random, self._lock = random.Random(seed), threading.Lock()
         target_host = urlparse(target).netloc
         proxy = self
@@ -90,6 +91,7 @@ class FaultyProxy:
                     self.wfile.write(data)
                 with proxy._lock:
                     proxy.passed += 1
+                    proxy.requests.append((self.command, self.path))
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
 

@@ -186,9 +186,9 @@ def test_a_tracking_server_away_mid_run_gets_every_epoch_once_when_it_returns(tm
 
 
 def test_transient_storage_faults_are_retried_and_no_image_is_lost(tmp_path, s3_bucket, ray_local, monkeypatch):
-    """Images, catalog and checkpoints in S3 behind a proxy that answers 10% of requests with a 503 SlowDown,
-    a 500, a reset connection or a slow answer: the job completes, every good image is used (only the two
-    truly bad files are skipped) and the retries are counted in the run."""
+    """Images, catalog, checkpoints and MLflow artifacts in S3 behind a proxy that answers 10% of requests with a
+    503 SlowDown, a 500, a reset connection or a slow answer: the job completes, every good image is used (only
+    the two truly bad files are skipped) and the retries are counted in the run."""
     import mlflow
 
     from artnet.config import CatalogConfig
@@ -202,11 +202,13 @@ def test_transient_storage_faults_are_retried_and_no_image_is_lost(tmp_path, s3_
                           Body=path.read_bytes())
     with FaultyProxy(os.environ["AWS_ENDPOINT_URL"], rate=0.1, seed=3) as proxy:
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+        monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", proxy.endpoint)
         remote = f"s3://{s3_bucket}/faults/catalog"
         source = CatalogConfig(source=f"s3://{s3_bucket}/faults/data", split=(0.6, 0.2, 0.2), seed=1)
         catalog.write(catalog.build(source), remote, source)
         result = trainer.fit(tiny_job(remote, tmp_path / "work", "faults", train__head_epochs=1,
-                                      train__finetune_epochs=1, storage_path=f"s3://{s3_bucket}/faults/ray_results"))
+                                      train__finetune_epochs=1, storage_path=f"s3://{s3_bucket}/faults/ray_results",
+                                      tracking__artifact_location=f"s3://{s3_bucket}/faults/mlflow"))
     assert sum(proxy.injected.values()) >= 10 and set(proxy.injected) == {"slow_down", "internal_error", "reset",
                                                                           "slow"}
     assert catalog.load(remote)[0].num_rows == catalog.load(local)[0].num_rows
@@ -218,3 +220,8 @@ def test_transient_storage_faults_are_retried_and_no_image_is_lost(tmp_path, s3_
     run = mlflow.MlflowClient(result["tracking_uri"]).get_run(result["run_id"])
     assert run.data.metrics["storage_retries"] == retries and run.info.status == "FINISHED"
     assert result["checkpoint"].startswith(f"s3://{s3_bucket}/faults/ray_results/faults/checkpoint_")
+    assert run.info.artifact_uri.startswith(f"s3://{s3_bucket}/faults/mlflow/")
+    assert storage.exists(f"{run.info.artifact_uri}/confusion_matrix.png")
+    assert storage.exists(f"{run.info.artifact_uri}/bad_images.json")
+    assert any(method == "PUT" and path.split("?")[0].endswith("/confusion_matrix.png")
+               for method, path in proxy.requests), "rank 0's MLflow client wrote through the faulty endpoint"

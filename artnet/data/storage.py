@@ -38,6 +38,15 @@ class S3Settings:
         return cls(endpoint=endpoint, region=region)
 
 
+# The object-store endpoint and region settings (never credentials) that a job's training workers take from the
+# driver: MLflow's artifact client on rank 0 reads them from its own environment.
+ENDPOINT_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "MLFLOW_S3_ENDPOINT_URL")
+
+
+def endpoint_env() -> dict[str, str]:
+    return {k: os.environ[k] for k in ENDPOINT_ENV if os.environ.get(k)}
+
+
 def is_s3(uri: str) -> bool:
     return uri.startswith("s3://")
 

@@ -528,6 +528,8 @@ def _run_config(job: JobConfig, callbacks: list | None = None):
         name=job.name, **storage.ray_storage(results_dir(job)), callbacks=callbacks or None,
         failure_config=ray.train.FailureConfig(max_failures=job.max_failures),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        # The workers talk to the object store the driver talks to (merged into the job's runtime env).
+        worker_runtime_env={"env_vars": storage.endpoint_env()},
     )
 
 

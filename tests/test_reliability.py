@@ -9,6 +9,7 @@ import shutil
 import threading
 import time
 
+import numpy as np
 import pytest
 
 from artnet.data import storage
@@ -209,6 +210,8 @@ def test_transient_storage_faults_are_retried_and_no_image_is_lost(tmp_path, s3_
         result = trainer.fit(tiny_job(remote, tmp_path / "work", "faults", train__head_epochs=1,
                                       train__finetune_epochs=1, storage_path=f"s3://{s3_bucket}/faults/ray_results",
                                       tracking__artifact_location=f"s3://{s3_bucket}/faults/mlflow"))
+        mlflow.set_tracking_uri(result["tracking_uri"])
+        model = mlflow.keras.load_model(result["model_uri"])  # from S3, through the faults
     assert sum(proxy.injected.values()) >= 10 and set(proxy.injected) == {"slow_down", "internal_error", "reset",
                                                                           "slow"}
     assert catalog.load(remote)[0].num_rows == catalog.load(local)[0].num_rows
@@ -225,3 +228,4 @@ def test_transient_storage_faults_are_retried_and_no_image_is_lost(tmp_path, s3_
     assert storage.exists(f"{run.info.artifact_uri}/bad_images.json")
     assert any(method == "PUT" and path.split("?")[0].endswith("/confusion_matrix.png")
                for method, path in proxy.requests), "rank 0's MLflow client wrote through the faulty endpoint"
+    assert model.predict(np.zeros((1, 32, 32, 3), np.float32), verbose=0).shape == (1, 3)

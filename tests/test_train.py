@@ -158,26 +158,3 @@ def test_mirrored_over_two_devices_matches_one_device(policy):
     tolerance = 1e-5 if policy == "float32" else 2e-2
     assert result["max_weight_diff"] < tolerance
     np.testing.assert_allclose(result["losses_mirrored"], result["losses_single"], rtol=tolerance)
-
-
-def test_everything_on_s3(small_catalog, tmp_path, s3_bucket, ray_local):
-    """Catalog, checkpoints and MLflow artifacts all in object storage (the moto S3 server on loopback)."""
-    import mlflow
-
-    from artnet.data import storage
-
-    remote_catalog = f"s3://{s3_bucket}/e2e/catalog"
-    for name in (catalog.MANIFEST, catalog.LABELS):
-        storage.write_bytes(f"{remote_catalog}/{name}", Path(small_catalog, name).read_bytes())
-    job = job_for(remote_catalog, tmp_path, "s3job", train__head_epochs=1, train__finetune_epochs=1,
-                  storage_path=f"s3://{s3_bucket}/e2e/ray_results",
-                  tracking__artifact_location=f"s3://{s3_bucket}/e2e/mlflow")
-    result = trainer.fit(job)
-    assert result["checkpoint"].startswith(f"s3://{s3_bucket}/e2e/ray_results/s3job/checkpoint_")
-    assert storage.exists(f"{result['checkpoint']}/model.keras")
-    run = mlflow_client(result).get_run(result["run_id"])
-    assert run.info.artifact_uri.startswith(f"s3://{s3_bucket}/e2e/mlflow/")
-    assert storage.exists(f"{run.info.artifact_uri}/confusion_matrix.png")
-    mlflow.set_tracking_uri(result["tracking_uri"])
-    model = mlflow.keras.load_model(run.data.tags["artnet.model_uri"])
-    assert model.predict(np.zeros((1, 32, 32, 3), np.float32), verbose=0).shape == (1, 3)

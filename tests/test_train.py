@@ -64,11 +64,32 @@ def test_one_worker_trains_and_mlflow_holds_everything(small_catalog, tmp_path, 
 
 
 def test_two_workers_multi_worker_strategy_trains(small_catalog, tmp_path, ray_local):
-    result = trainer.fit(job_for(small_catalog, tmp_path, "two", scaling__num_workers=2))
+    """Two workers train together and share each epoch's validation: the figures they agree on equal the
+    logged model's (the best epoch's weights) scored on the whole split in one process."""
+    import mlflow
+
+    from artnet.data import pipeline
+
+    job = job_for(small_catalog, tmp_path, "two", scaling__num_workers=2)
+    result = trainer.fit(job)
     client = mlflow_client(result)
-    losses = [m.value for m in sorted(client.get_metric_history(result["run_id"], "train_loss"), key=lambda m: m.step)]
+
+    def history(name):
+        return [m.value for m in sorted(client.get_metric_history(result["run_id"], name), key=lambda m: m.step)]
+
+    losses = history("train_loss")
     assert len(losses) == 3 and losses[-1] < losses[0]
     assert client.get_run(result["run_id"]).data.params["scaling.num_workers"] == "2"
+    best = int(np.argmin(history("val_loss")))
+    mlflow.set_tracking_uri(result["tracking_uri"])
+    model = mlflow.keras.load_model(result["model_uri"])
+    manifest, painters = catalog.load(small_catalog)
+    whole, _ = trainer.evaluate(lambda x: model(x, training=False), pipeline.build_dataset(
+        manifest, "val", job.data, train=False).iter_batches(batch_size=8, batch_format="numpy"), len(painters))
+    assert whole["loss"] == pytest.approx(history("val_loss")[best], rel=1e-4)
+    assert whole["images"] == history("val_images")[best] > 0, "every validation image counted exactly once"
+    assert whole["accuracy"] == history("val_accuracy")[best]
+    assert whole["macro_f1"] == pytest.approx(history("val_macro_f1")[best], abs=1e-9)
 
 
 def logged_epochs(result) -> list[int]:

@@ -214,6 +214,14 @@ def build_dataset(manifest: pa.Table, split: str, cfg: PipelineConfig, *, train:
                        settings=settings)
 
 
+def eval_shards(manifest: pa.Table, split: str, cfg: PipelineConfig, n: int, *, bad_images=None) -> list:
+    """One evaluation split dealt into `n` disjoint datasets (rows r, r+n, ...), one per training worker: the
+    workers evaluate it together and sum their tallies, so every row counts exactly once."""
+    rows = manifest.filter(pc.equal(manifest["split"], split))
+    return [decode_rows(rows.take(list(range(r, rows.num_rows, n))), cfg, augment=False, bad_images=bad_images)
+            for r in range(n)]
+
+
 def decode_rows(rows: pa.Table, cfg: PipelineConfig, *, augment: bool, shuffle: bool = False, bad_images=None,
                 settings: storage.S3Settings | None = None) -> ray.data.Dataset:
     """Manifest rows (key, uri, row, label) -> {"image", "label", "key"} through CPU decode tasks; with
@@ -225,7 +233,7 @@ def decode_rows(rows: pa.Table, cfg: PipelineConfig, *, augment: bool, shuffle: 
     configure_data_context()
     # Many small blocks, so decoding fans out over all CPU workers instead of one task per split.
     step = cfg.decode_batch
-    ds = ray.data.from_arrow([rows.slice(i, step) for i in range(0, rows.num_rows, step)])
+    ds = ray.data.from_arrow([rows.slice(i, step) for i in range(0, rows.num_rows, step)] or [rows])
     if shuffle:
         ds = ds.random_shuffle(seed=cfg.seed)
     return ds.map_batches(

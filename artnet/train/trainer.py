@@ -3,9 +3,10 @@
 Each Ray Train worker runs MultiWorkerMirroredStrategy: MirroredStrategy over its own GPUs plus all-reduce
 across workers. Keras 3 `fit` fails under multi-worker strategies here (ray#47464 / keras#20585), so the
 step is a custom one: model and optimizer built in `strategy.scope()`, the Ray shard distributed with
-`distribute_datasets_from_function`, the loss scaled by the global batch. Validation and test run on rank 0
-alone over the whole split (exact numbers, no collectives that other workers could miss); the early-stop
-decision then reaches every worker through one all-reduce, so all of them run the same number of steps.
+`distribute_datasets_from_function`, the loss scaled by the global batch. Each epoch's validation is shared:
+every worker scores its own disjoint share of the split (`pipeline.eval_shards`) and one all-reduce of
+(confusion matrix, top-3 hits, loss sum) gives every worker the exact global figures, so all of them take the
+same early-stop decision and run the same number of steps. Calibration and test run once, on rank 0.
 """
 
 from __future__ import annotations
@@ -190,14 +191,19 @@ def collect_logits(predict, batches, keep: int = 0) -> tuple[np.ndarray, np.ndar
     return np.concatenate(labels), np.concatenate(logits).astype(np.float64), images
 
 
-def evaluate(predict, batches, num_classes: int) -> tuple[dict, np.ndarray]:
-    """Metrics and confusion matrix over an iterable of numpy batches (the whole split)."""
+def evaluate(predict, batches, num_classes: int, worker_sum=None) -> tuple[dict, np.ndarray]:
+    """Metrics and confusion matrix over an iterable of numpy batches. With `worker_sum` the batches are this
+    worker's share and the tallies are summed over all workers first (each of them must call it)."""
     cm = np.zeros((num_classes, num_classes), np.int64)
     top3, loss_sum = 0, 0.0
     for batch in batches:
         logits = predict(batch["image"].astype(np.float32)).numpy()
         batch_cm, batch_top3, batch_loss = metrics.tally(batch["label"].astype(np.int64), logits, num_classes)
         cm, top3, loss_sum = cm + batch_cm, top3 + batch_top3, loss_sum + batch_loss
+    if worker_sum is not None:  # counts stay exact in float32 up to 2**24 images per cell
+        total = worker_sum(np.concatenate([cm.ravel(), [top3, loss_sum]]))
+        cm = np.rint(total[:-2]).astype(np.int64).reshape(cm.shape)
+        top3, loss_sum = int(round(total[-2])), float(total[-1])
     return metrics.summarize(cm, top3, loss_sum), cm
 
 
@@ -343,14 +349,12 @@ def worker_loop(config: dict) -> None:
                             f"{global_batch}")
         record = {"epoch": epoch + 1, "phase": phase, **_train_epoch(train_data, step_fn, optimizer, global_batch)}
         record["images_per_s_per_replica"] = record["images_per_s"] / replicas
-        stop = 0.0
-        if rank == 0:
-            val, _ = evaluate(predict, split_batches("val"), num_classes)
-            record.update({f"val_{k}": v for k, v in val.items() if k != "images"})
-            if val["loss"] < state.best_val_loss:
-                state.best_val_loss, best_weights = val["loss"], model.get_weights()
-            stop = float(schedule.should_stop(state.phase_losses(phase) + [val["loss"]], tcfg.patience))
-        stopped = bool(worker_sum([stop])[0] > 0)  # every worker learns rank 0's decision: same epochs for all
+        val, _ = evaluate(predict, split_batches(f"val_{rank}"), num_classes, worker_sum)
+        record.update({f"val_{k}": v for k, v in val.items()})  # val_images: each image counted once
+        if rank == 0 and val["loss"] < state.best_val_loss:  # rank 0 checkpoints and logs the model
+            state.best_val_loss, best_weights = val["loss"], model.get_weights()
+        # The same global figures on every worker: the same decision, the same number of epochs for all.
+        stopped = schedule.should_stop(state.phase_losses(phase) + [val["loss"]], tcfg.patience)
         state.history.append(record)
         state.epoch = epoch + 1
         if stopped:
@@ -562,6 +566,8 @@ def fit(job: JobConfig, parent_run_id: str | None = None, callbacks: list | None
     bad = pipeline.new_tally(manifest.num_rows, job.data)
     datasets = {split: pipeline.build_dataset(manifest, split, job.data, train=(split == "train"), bad_images=bad)
                 for split in ("train", "val", "test")}
+    shares = pipeline.eval_shards(manifest, "val", job.data, job.scaling.num_workers, bad_images=bad)
+    datasets.update({f"val_{rank}": share for rank, share in enumerate(shares)})
     scaling = job.scaling
     with console.relay() as progress:
         trainer = TensorflowTrainer(
@@ -576,7 +582,8 @@ def fit(job: JobConfig, parent_run_id: str | None = None, callbacks: list | None
                                       **({"GPU": scaling.gpus_per_worker} if scaling.use_gpu else {})}),
             run_config=_run_config(job, callbacks),
             datasets=datasets,
-            # Only train is split across workers; rank 0 evaluates the whole of val and test.
+            # Only train is split by Ray (evenly, dropping a remainder); each epoch's validation reads the
+            # `val_<rank>` share made for it, and rank 0 alone the whole of val (calibration) and test.
             dataset_config=DataConfig(datasets_to_split=["train"]),
         )
         try:

@@ -207,17 +207,21 @@ def build_dataset(manifest: pa.Table, split: str, cfg: PipelineConfig, *, train:
                   bad_images=None, settings: storage.S3Settings | None = None) -> ray.data.Dataset:
     """A lazy, streaming dataset of one split. With `train`, rows are reshuffled on every pass (epoch) and
     augmented; otherwise images are centre-cropped in manifest order."""
+    return decode_rows(split_rows(manifest, split), cfg, augment=train, shuffle=train and cfg.shuffle,
+                       bad_images=bad_images, settings=settings)
+
+
+def split_rows(manifest: pa.Table, split: str) -> pa.Table:
     rows = manifest.filter(pc.equal(manifest["split"], split))
     if rows.num_rows == 0:
         raise ValueError(f"the manifest has no '{split}' images")
-    return decode_rows(rows, cfg, augment=train, shuffle=train and cfg.shuffle, bad_images=bad_images,
-                       settings=settings)
+    return rows
 
 
 def eval_shards(manifest: pa.Table, split: str, cfg: PipelineConfig, n: int, *, bad_images=None) -> list:
     """One evaluation split dealt into `n` disjoint datasets (rows r, r+n, ...), one per training worker: the
     workers evaluate it together and sum their tallies, so every row counts exactly once."""
-    rows = manifest.filter(pc.equal(manifest["split"], split))
+    rows = split_rows(manifest, split)
     return [decode_rows(rows.take(list(range(r, rows.num_rows, n))), cfg, augment=False, bad_images=bad_images)
             for r in range(n)]
 

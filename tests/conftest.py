@@ -122,8 +122,9 @@ def write_small_catalog(root: Path) -> str:
     return out
 
 
-# What makes the tiny backbone really learn the small catalog's painters (test accuracy 1.0 there).
-LEARNABLE = {"data__image_size": "64", "train__lr": "0.9", "train__batch_size": "4", "train__head_epochs": "6",
+# What makes the tiny backbone really learn the small catalog's painters: validation reaches 1.0 by epoch ~10 of 14
+# and test 1.0 (with 6 head epochs it sat at the 0.9 line: 0.75 and 0.92 in two runs of the same code).
+LEARNABLE = {"data__image_size": "64", "train__lr": "0.9", "train__batch_size": "4", "train__head_epochs": "12",
              "train__finetune_epochs": "2"}
 
 

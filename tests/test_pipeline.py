@@ -120,3 +120,10 @@ def test_real_paintings_stream_through(ray_local):
     assert out["image"].shape == (expected, 96, 96, 3)
     assert ray_local.get(bad.summary.remote())["total"] == 0
     assert set(out["label"].tolist()) == {0, 1, 2}
+
+
+def test_decode_tasks_are_large_but_every_cpu_gets_several():
+    assert pipeline.decode_block_rows(1_000_000, 128, 16) == 128
+    assert pipeline.decode_block_rows(200, 128, 2) == 25, "4 tasks per CPU, not 2 tasks for the whole split"
+    assert pipeline.decode_block_rows(3, 128, 16) == 1
+    assert pipeline.decode_block_rows(0, 128, 2) == 1

@@ -74,6 +74,7 @@ def test_read_failures_are_classified_by_what_fixes_them(detail, cause):
     assert storage.fault_class("truncated", "image file is truncated") == "corrupt files"
 
 
+@pytest.mark.long
 def test_it_learns_the_painters_and_not_shuffled_labels(tmp_path, ray_local):
     """"Loss went down" would pass with an image/label mix-up: the same data and config reach clearly above
     chance on the test split, and with every label shuffled (so an image no longer says who painted it) they
@@ -113,6 +114,7 @@ def test_early_stopping_ends_each_phase_on_every_worker_at_the_same_epoch(tmp_pa
     assert result["metrics"]["epoch"] == 7 and result["metrics"]["done"]
 
 
+@pytest.mark.long
 def test_resuming_a_job_with_settings_its_checkpoints_do_not_fit_is_refused(tmp_path, ray_local):
     from artnet.config import CatalogConfig, ConfigError
     from artnet.data import catalog
@@ -132,6 +134,7 @@ def test_resuming_a_job_with_settings_its_checkpoints_do_not_fit_is_refused(tmp_
     assert again["metrics"]["epoch"] == 1  # the same settings resume (here: the finished job, a no-op)
 
 
+@pytest.mark.long
 def test_a_tracking_server_away_mid_run_gets_every_epoch_once_when_it_returns(tmp_path, ray_local):
     """The server stops after the first epoch reached it and comes back two checkpoints later: training never
     waited for it, and the run holds each epoch's metrics exactly once and ends FINISHED."""
@@ -186,6 +189,7 @@ def test_a_tracking_server_away_mid_run_gets_every_epoch_once_when_it_returns(tm
         server.terminate()
 
 
+@pytest.mark.long
 def test_transient_storage_faults_are_retried_and_no_image_is_lost(tmp_path, s3_bucket, ray_local, monkeypatch):
     """Images, catalog, checkpoints and MLflow artifacts in S3 behind a proxy that answers 10% of requests with a
     503 SlowDown, a 500, a reset connection or a slow answer: the job completes, every good image is used (only

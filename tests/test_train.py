@@ -106,6 +106,7 @@ def _train_worker_pids() -> list[int]:
             if a.get("ActorClassName") == "RayTrainWorker" and a.get("State") == "ALIVE" and a.get("Pid")]
 
 
+@pytest.mark.long
 def test_restart_and_rerun_resume_from_checkpoint(small_catalog, tmp_path, ray_local):
     job = job_for(small_catalog, tmp_path, "resume", train__head_epochs=1, train__finetune_epochs=3,
                   max_failures=1)

@@ -67,14 +67,14 @@ def test_cmyk_jpeg_keeps_its_colours():
 def test_large_jpeg_uses_draft_mode_downscale():
     big = jpeg_bytes(painting(3, size=(1600, 1200)))
     img = transforms.decode(big, 299, LIMIT)
-    assert img.size == (400, 300), "decoded at 1/4 scale in the DCT domain, still >= the target"
+    assert img.shape == (300, 400, 3), "decoded at 1/4 scale in the DCT domain, still >= the target"
 
 
 def test_pixel_limit_is_configurable():
     data = jpeg_bytes(painting(4, size=(300, 200)))
     with pytest.raises(transforms.BadImage, match="too_large"):
         transforms.decode(data, 64, max_pixels=300 * 200 - 1)
-    assert min(transforms.decode(data, 64, max_pixels=300 * 200).size) >= 64
+    assert min(transforms.decode(data, 64, max_pixels=300 * 200).shape[:2]) >= 64
 
 
 def test_augmentation_is_deterministic_for_a_seed_and_varies_across_seeds():
@@ -86,17 +86,17 @@ def test_augmentation_is_deterministic_for_a_seed_and_varies_across_seeds():
     assert np.abs(a.astype(int) - c.astype(int)).mean() > 1
 
 
-def halves() -> Image.Image:
+def halves() -> np.ndarray:
     arr = np.zeros((100, 100, 3), np.uint8)
     arr[:, :50] = (255, 0, 0)
     arr[:, 50:] = (0, 0, 255)
-    return Image.fromarray(arr)
+    return arr
 
 
 def test_identity_is_centre_crop_and_flip_mirrors():
     wide = np.zeros((100, 200, 3), np.uint8)
     wide[:, :50] = 255  # only the left quarter is white: outside the centre square
-    assert np.asarray(transforms.affine_crop(Image.fromarray(wide), 50)).max() == 0
+    assert np.asarray(transforms.affine_crop(wide, 50)).max() == 0
     plain = np.asarray(transforms.affine_crop(halves(), 50))
     flipped = np.asarray(transforms.affine_crop(halves(), 50, transforms.Affine(flip=True)))
     assert plain[25, 5, 0] == 255 and plain[25, 45, 2] == 255
@@ -138,20 +138,59 @@ def test_bad_pipeline_config_names_the_field(changes, field):
 
 
 def test_colour_jitter_matrix_equals_stepwise_definition():
-    img = Image.fromarray(painting(9, size=(60, 50)))
+    img = painting(9, size=(60, 50))
     cfg = AugmentConfig(brightness=0.3, contrast=0.3, saturation=0.3)
-    out = np.asarray(transforms.colour_jitter(img, np.random.default_rng(3), cfg), np.float32)
+    out = np.asarray(transforms.colour_jitter(img.copy(), np.random.default_rng(3), cfg), np.float32)
     r = np.random.default_rng(3)
     b, c, s = r.uniform(0.7, 1.3), r.uniform(0.7, 1.3), r.uniform(0.7, 1.3)
     x = np.asarray(img, np.float32) * b
     x = (x - x.mean()) * c + x.mean()
     grey = (x @ transforms.GREY_WEIGHTS)[..., None]
     expected = np.clip(grey + (x - grey) * s, 0, 255)
-    assert np.abs(expected - out).max() <= 0.5 + 1e-3
+    assert np.abs(expected - out).max() <= 0.6  # rounding to uint8 (0.5) plus float32 arithmetic
 
 
-@pytest.mark.parametrize("margin", [1, 7, 40, 120])
-def test_mirror_pad_equals_numpy_reflect(margin):
-    arr = painting(10, size=(64, 48))
-    expected = np.pad(arr, ((margin, margin), (margin, margin), (0, 0)), mode="reflect")
-    np.testing.assert_array_equal(np.asarray(transforms.mirror_pad(Image.fromarray(arr), margin)), expected)
+def _reflect(i: np.ndarray, n: int) -> np.ndarray:
+    """numpy's 'reflect' padding as an index map (edge pixel not repeated), any number of reflections."""
+    if n == 1:
+        return np.zeros_like(i)
+    i = np.abs(i) % (2 * n - 2)
+    return np.where(i >= n, 2 * n - 2 - i, i)
+
+
+def reference_affine_crop(arr: np.ndarray, size: int, t: transforms.Affine) -> np.ndarray:
+    """The definition, in float64 numpy: output pixel centre (x+0.5, y+0.5) maps through `affine_matrix` (PIL's
+    pixel-edge convention) to a source point, sampled bilinearly from the mirrored source."""
+    height, width = arr.shape[:2]
+    a, b, c, d, e, f = transforms.affine_matrix(t, (width, height), size)
+    ys, xs = np.mgrid[0:size, 0:size] + 0.5
+    sx, sy = a * xs + b * ys + c - 0.5, d * xs + e * ys + f - 0.5
+    x0, y0 = np.floor(sx).astype(int), np.floor(sy).astype(int)
+    fx, fy = (sx - x0)[..., None], (sy - y0)[..., None]
+    px = lambda y, x: arr.astype(np.float64)[_reflect(y, height), _reflect(x, width)]
+    return (px(y0, x0) * (1 - fx) * (1 - fy) + px(y0, x0 + 1) * fx * (1 - fy)
+            + px(y0 + 1, x0) * (1 - fx) * fy + px(y0 + 1, x0 + 1) * fx * fy)
+
+
+@pytest.mark.parametrize("source", ["painting", "tiny"])
+def test_affine_crop_equals_its_definition(source):
+    """OpenCV's fixed-point warp against the float definition, under strong augmentations: within 1 level
+    everywhere, 0.3 on average (measured: 0.50 and 0.24 on real paintings). A tiny source reaches several
+    reflections out."""
+    arr = painting(11, size=(160, 120)) if source == "painting" else painting(12, size=(7, 5))
+    cfg = AugmentConfig(rotation=30, shift=0.2, shear=10, zoom=0.3, hflip=True)
+    rng = np.random.default_rng(0)
+    for _ in range(8):
+        t = transforms.sample_affine(rng, cfg)
+        diff = np.abs(transforms.affine_crop(arr, 96, t) - reference_affine_crop(arr, 96, t))
+        assert diff.max() <= 1.0 and diff.mean() <= 0.3, t
+
+
+def test_preprocessing_into_a_batch_slot_gives_the_same_image():
+    data = jpeg_bytes(painting(13, size=(200, 160)))
+    cfg = AugmentConfig(standardize=True)
+    batch = np.zeros((3, 64, 64, 3), np.uint8)
+    got = transforms.preprocess(data, 64, LIMIT, cfg, np.random.default_rng(2), out=batch[1])
+    assert np.shares_memory(got, batch)
+    np.testing.assert_array_equal(batch[1], transforms.preprocess(data, 64, LIMIT, cfg, np.random.default_rng(2)))
+    assert batch[0].max() == batch[2].max() == 0, "neighbouring slots untouched"

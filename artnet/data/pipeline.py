@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 import logging
 from collections import Counter, OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -158,7 +159,9 @@ def load_images(batch: pa.Table, *, cfg: PipelineConfig, train: bool, settings: 
                 bad_images=None) -> dict[str, np.ndarray]:
     """One Ray Data batch of manifest rows -> {"image", "label", "key"}; unusable images are dropped and counted."""
     uris, rows = batch["uri"].to_pylist(), batch["row"].to_pylist()
-    images, labels, keys, retried = [], [], [], []
+    size = cfg.image_size
+    images = np.empty((len(uris), size, size, 3), np.uint8)  # each image decodes straight into its slot
+    labels, keys, retried = [], [], []
     for key, uri, row, label, data in zip(batch["key"].to_pylist(), uris, rows, batch["label"].to_pylist(),
                                           fetch(uris, rows, settings, retried)):
         if isinstance(data, Exception):
@@ -166,7 +169,7 @@ def load_images(batch: pa.Table, *, cfg: PipelineConfig, train: bool, settings: 
         else:
             try:
                 rng = _rng_for(key, cfg.seed) if train else None
-                images.append(transforms.preprocess(data, cfg.image_size, cfg.max_pixels, cfg.augment, rng))
+                transforms.preprocess(data, size, cfg.max_pixels, cfg.augment, rng, out=images[len(labels)])
                 labels.append(label)
                 keys.append(key)
                 continue
@@ -179,11 +182,10 @@ def load_images(batch: pa.Table, *, cfg: PipelineConfig, train: bool, settings: 
             stop = ray.get(bad_images.add.remote(reason, where, storage.fault_class(reason, detail)))
             if stop:
                 raise UserError("the data", *stop)
-    if bad_images is not None and (images or retried):
-        bad_images.ok.remote(len(images), len(retried))
-    size = cfg.image_size
+    if bad_images is not None and (labels or retried):
+        bad_images.ok.remote(len(labels), len(retried))
     return {
-        "image": np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8),
+        "image": images[:len(labels)],
         "label": np.asarray(labels, dtype=np.int32),
         "key": np.asarray(keys, dtype=object),
     }
@@ -226,6 +228,15 @@ def eval_shards(manifest: pa.Table, split: str, cfg: PipelineConfig, n: int, *, 
             for r in range(n)]
 
 
+BLOCKS_PER_CPU = 4
+
+
+def decode_block_rows(rows: int, decode_batch: int, cpus: int) -> int:
+    """Rows per decode task: `decode_batch` (large, so Ray's per-task overhead is a small share), but small
+    enough that every CPU gets a few tasks (a short split must not decode in one or two tasks)."""
+    return max(1, min(decode_batch, math.ceil(rows / (BLOCKS_PER_CPU * max(cpus, 1)))))
+
+
 def decode_rows(rows: pa.Table, cfg: PipelineConfig, *, augment: bool, shuffle: bool = False, bad_images=None,
                 settings: storage.S3Settings | None = None) -> ray.data.Dataset:
     """Manifest rows (key, uri, row, label) -> {"image", "label", "key"} through CPU decode tasks; with
@@ -235,8 +246,7 @@ def decode_rows(rows: pa.Table, cfg: PipelineConfig, *, augment: bool, shuffle: 
         raise ConfigError("data.image_size", "is 0 (backbone default) but no backbone resolved it",
                           "set an explicit size, or build datasets through artnet.train")
     configure_data_context()
-    # Many small blocks, so decoding fans out over all CPU workers instead of one task per split.
-    step = cfg.decode_batch
+    step = decode_block_rows(rows.num_rows, cfg.decode_batch, int(ray.cluster_resources().get("CPU", 1)))
     ds = ray.data.from_arrow([rows.slice(i, step) for i in range(0, rows.num_rows, step)] or [rows])
     if shuffle:
         ds = ds.random_shuffle(seed=cfg.seed)

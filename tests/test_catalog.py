@@ -102,6 +102,9 @@ def test_filters_top_k_min_and_explicit(tmp_path):
     with pytest.raises(ConfigError) as err:
         catalog.build(CatalogConfig(source=src, min_paintings=50))
     assert err.value.field == "catalog.min_paintings"
+    with pytest.raises(ConfigError) as err:
+        catalog.build(CatalogConfig(source=src, top_k=len(PAINTERS) + 1))
+    assert err.value.field == "catalog.top_k" and f"the source has {len(PAINTERS)}" in str(err.value)
 
 
 def splits(keys, seed=0):

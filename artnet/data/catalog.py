@@ -113,6 +113,10 @@ def select_painters(counts: dict[str, int], cfg: CatalogConfig) -> list[str]:
         chosen = [p for p in cfg.painters if counts[p] >= cfg.min_paintings]
     else:
         chosen = [p for p, n in counts.items() if n >= cfg.min_paintings]
+        if cfg.top_k > len(chosen) and chosen:  # a smaller task than asked for is not what the user wanted
+            raise ConfigError("catalog.top_k", f"asks for {cfg.top_k} painters; the source has {len(chosen)} with "
+                              f"{cfg.min_paintings}+ paintings", f"use --top-k {len(chosen)} or less, or lower "
+                              "--min-paintings")
         if cfg.top_k:
             chosen = largest({p: counts[p] for p in chosen}, cfg.top_k)
     return sorted(chosen)

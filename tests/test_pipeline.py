@@ -125,5 +125,6 @@ def test_real_paintings_stream_through(ray_local):
 def test_decode_tasks_are_large_but_every_cpu_gets_several():
     assert pipeline.decode_block_rows(1_000_000, 128, 16) == 128
     assert pipeline.decode_block_rows(200, 128, 2) == 25, "4 tasks per CPU, not 2 tasks for the whole split"
-    assert pipeline.decode_block_rows(3, 128, 16) == 1
-    assert pipeline.decode_block_rows(0, 128, 2) == 1
+    assert pipeline.decode_block_rows(200, 128, 64) == 16, "not 1-image tasks on a large cluster"
+    assert pipeline.decode_block_rows(40, 8, 4) == 8, "decode_batch stays the upper bound"
+    assert pipeline.decode_block_rows(0, 128, 2) == 16

@@ -207,6 +207,7 @@ def test_head_transplant_gives_the_classifier_the_heads_predictions(painted, tmp
 # -------------------------------------------------------------------------------------------------- sweeps
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_sweep_over_two_painter_counts(painted, ray_local, monkeypatch):
     import mlflow
 
@@ -269,6 +270,7 @@ def test_estimator_from_a_job_takes_its_head_and_training_settings():
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_finetune_fields_run_training_jobs_as_tune_trials(painted, ray_local):
     """`train.unfreeze_blocks` in the space: each fine-tuning trial is an `artnet train` job (Ray Train under
     Tune), nested in the sweep's MLflow run; the chosen one is the best on validation and its test figures and

@@ -229,12 +229,15 @@ def eval_shards(manifest: pa.Table, split: str, cfg: PipelineConfig, n: int, *, 
 
 
 BLOCKS_PER_CPU = 4
+MIN_BLOCK_ROWS = 16
 
 
 def decode_block_rows(rows: int, decode_batch: int, cpus: int) -> int:
     """Rows per decode task: `decode_batch` (large, so Ray's per-task overhead is a small share), but small
-    enough that every CPU gets a few tasks (a short split must not decode in one or two tasks)."""
-    return max(1, min(decode_batch, math.ceil(rows / (BLOCKS_PER_CPU * max(cpus, 1)))))
+    enough that every CPU gets a few tasks (a short split must not decode in one or two tasks), and never under
+    `MIN_BLOCK_ROWS` (a small split on a large cluster must not become one-image tasks)."""
+    spread = math.ceil(rows / (BLOCKS_PER_CPU * max(cpus, 1)))
+    return max(1, min(decode_batch, max(spread, MIN_BLOCK_ROWS)))
 
 
 def decode_rows(rows: pa.Table, cfg: PipelineConfig, *, augment: bool, shuffle: bool = False, bad_images=None,

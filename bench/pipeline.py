@@ -2,9 +2,9 @@
 
 Both pipelines get their CPUs the same way: each measurement is its own process pinned (`taskset`) to the first
 N cores, so every thread and process it starts (Ray's driver, raylet and decode workers; TensorFlow's pools)
-shares exactly that budget; Ray is told `num_cpus=N`, tf.data gets N inter-op and map threads and one intra-op
-thread and no autotuner, OpenCV one thread per call. Each reads the set once to warm up, then times `--passes` passes (min,
-median, max reported; ratios from medians). A 1 -> 2 CPU speed-up above 2.2x cannot be real, so such a run is
+shares exactly that budget; Ray is told `num_cpus=N`, tf.data gets N inter-op and map threads, one intra-op
+thread and no autotuner, OpenCV one thread per call. Each reads the set once to warm up, then times `--passes`
+passes (min, median, max reported; ratios from medians). A 1 -> 2 CPU speed-up above 2.2x cannot be real, so such a run is
 marked unreliable instead of reported. Sets: 256-px shared paintings, and full-size (1500x1200) JPEGs made from
 shared paintings (upscaled, with canvas-like grain: file sizes and entropy like WikiArt originals). From the
 per-core rate it derives how many cores one GPU needs (bench/results/pipeline.json, README table).

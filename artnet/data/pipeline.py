@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import math
 import logging
+import math
 from collections import Counter, OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 

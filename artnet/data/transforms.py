@@ -26,6 +26,7 @@ warnings.simplefilter("ignore", Image.DecompressionBombWarning)
 # oversubscribe the cores those tasks were given.
 cv2.setNumThreads(1)
 
+
 class BadImage(ValueError):
     """An input that is not a usable image. `reason` is a short tag used to count skips."""
 

@@ -62,6 +62,30 @@ def test_eval_is_deterministic_and_train_shuffles_each_pass(tmp_path, ray_local)
     assert sorted(orders[0]) == sorted(orders[1]) and len({tuple(o) for o in orders}) > 1
 
 
+def test_a_seeded_run_repeats_and_each_pass_differs(tmp_path, ray_local):
+    """With a seed, order and augmentation change from pass to pass (every epoch sees new views) yet a new
+    dataset of the same seed repeats the same sequence of passes."""
+    write_folder_set(tmp_path, {"A": 20, "B": 20})
+    manifest = manifest_of(str(tmp_path))
+    cfg = PipelineConfig(image_size=48, decode_batch=4, seed=7)
+    first, second = (pipeline.build_dataset(manifest, "train", cfg, train=True) for _ in range(2))
+    passes = [collect(first, by_key=True) for _ in range(2)]
+    again = [collect(second, by_key=True) for _ in range(2)]
+    for p, q in zip(passes, again):
+        np.testing.assert_array_equal(p["key"], q["key"])
+        np.testing.assert_array_equal(p["image"], q["image"])
+    assert not np.array_equal(passes[0]["image"], passes[1]["image"])
+    changed = [not np.array_equal(a, b) for a, b in zip(passes[0]["image"], passes[1]["image"])]
+    assert sum(changed) >= 0.9 * len(changed), "each image augmented anew in the second pass"
+    # Each decode task takes its rows from the pass's permutation, so the images decoded together (and batched
+    # together) change from pass to pass, not only the order in which tasks finish.
+    tasks = [{frozenset(b["key"].tolist()) for b in first.iter_batches(batch_size=None, batch_format="numpy")}
+             for _ in range(2)]
+    assert tasks[0] != tasks[1]
+    orders = [pipeline.pass_order(40, 7, p) for p in range(2)]
+    assert sorted(orders[0]) == sorted(orders[1]) == list(range(40)) and list(orders[0]) != list(orders[1])
+
+
 def test_pipeline_reads_from_s3(tmp_path, s3_bucket, ray_local):
     write_folder_set(tmp_path, PAINTERS, extra={"Claude_Monet": {"truncated.jpg": bad_files()["truncated.jpg"]}})
     for f in tmp_path.rglob("*.jpg"):
@@ -88,20 +112,23 @@ def test_two_consumers_cover_the_epoch_without_overlap(tmp_path, ray_local):
     write_folder_set(tmp_path, {"A": 23, "B": 18})
     manifest = manifest_of(str(tmp_path))
     ds = pipeline.build_dataset(manifest, "train", CFG, train=True)
-    seen: list[list[str]] = [[], []]
+    seen: list[list[list[str]]] = [[[], []], [[], []]]  # [pass][consumer]
 
     def consume(i, it):
-        for batch in it.iter_batches(batch_size=4, batch_format="numpy"):
-            seen[i].extend(batch["key"].tolist())
+        for epoch in range(2):  # as Ray Train's workers do: each pass is one execution shared by both
+            for batch in it.iter_batches(batch_size=4, batch_format="numpy"):
+                seen[epoch][i].extend(batch["key"].tolist())
 
     threads = [threading.Thread(target=consume, args=(i, it)) for i, it in enumerate(ds.streaming_split(2, equal=False))]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=120)
-    assert seen[0] and seen[1], "both consumers got data"
-    assert not set(seen[0]) & set(seen[1])
-    assert sorted(seen[0] + seen[1]) == sorted(manifest["key"].to_pylist())
+    for epoch in seen:
+        assert epoch[0] and epoch[1], "both consumers got data"
+        assert not set(epoch[0]) & set(epoch[1])
+        assert sorted(epoch[0] + epoch[1]) == sorted(manifest["key"].to_pylist())
+    assert seen[0][0] + seen[0][1] != seen[1][0] + seen[1][1], "the second pass came in a new order"
 
 
 def test_empty_split_is_a_clear_error(tmp_path, ray_local):

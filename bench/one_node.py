@@ -54,8 +54,10 @@ def run_artnet(args, workdir: str) -> dict:
     result = trainer.fit(job)
     wall = time.perf_counter() - start
     client = mlflow.MlflowClient(result["tracking_uri"])
-    rates = [m.value for m in sorted(client.get_metric_history(result["run_id"], "images_per_s"), key=lambda m: m.step)]
-    return {"wall_s": wall, "epoch_images_per_s": rates, "test_accuracy": result["metrics"].get("test_accuracy")}
+    rates, waits = ([m.value for m in sorted(client.get_metric_history(result["run_id"], key), key=lambda m: m.step)]
+                    for key in ("images_per_s", "input_wait"))
+    return {"wall_s": wall, "epoch_images_per_s": rates, "epoch_input_wait": [round(w, 2) for w in waits],
+            "test_accuracy": result["metrics"].get("test_accuracy")}
 
 
 def run_keras(args, workdir: str) -> dict:
@@ -126,6 +128,8 @@ def summary(run: dict, head_epochs: int) -> dict:
     rates = run["epoch_images_per_s"]
     out = {"wall_s": round(run["wall_s"], 1), "test_accuracy": round(float(run["test_accuracy"]), 3),
            "epoch_images_per_s": [round(r, 1) for r in rates]}
+    if "epoch_input_wait" in run:  # artnet's share of each epoch spent waiting for its next batch
+        out["epoch_input_wait"] = run["epoch_input_wait"]
     for phase, part in ((1, rates[:head_epochs]), (2, rates[head_epochs:])):
         warm = part[1:] if len(part) > 1 else part  # an epoch that builds graphs is not the steady rate
         out[f"phase{phase}_median"] = round(float(np.median(warm)), 1)

@@ -108,6 +108,41 @@ def test_pipeline_reads_image_bytes_inside_parquet(tmp_path, ray_local):
     assert sorted(out["label"].tolist()) == sorted([1, 0, 1, 0, 0, 1, 1])  # label = sorted name index
 
 
+def test_images_inside_parquet_are_read_row_group_by_row_group():
+    """A row group is the smallest read Parquet allows: each pass orders rows group by group (groups and rows
+    within each in a new random order), so a decode task of `step` rows reads few groups, and each group is read
+    by at most 1 + its rows / step tasks, where a plain permutation reads one group per row."""
+    groups, step, rows_per_group = np.repeat(np.arange(30), 50), 32, 50
+
+    def reads(order):  # row-group reads of one pass: the distinct groups of each decode task's rows
+        return sum(len(set(groups[order[i:i + step]])) for i in range(0, len(order), step))
+
+    orders = [pipeline.pass_order(len(groups), 0, p, groups) for p in range(2)]
+    assert reads(orders[0]) <= 30 * (1 + -(-rows_per_group // step))
+    assert reads(np.random.default_rng(0).permutation(len(groups))) > 10 * reads(orders[0])
+    assert sorted(orders[0]) == list(range(len(groups)))
+    first_group = orders[0][:rows_per_group]
+    assert len(set(groups[first_group])) == 1 and list(first_group) != sorted(first_group), "rows mixed within"
+    assert list(dict.fromkeys(groups[orders[0]])) != list(dict.fromkeys(groups[orders[1]])), "new group order"
+
+
+def test_a_parquet_training_pass_reads_every_image_once(tmp_path, ray_local):
+    from test_catalog import hf_parquet  # row groups of 3 images
+
+    labels = [0, 1, 0, 1, 1, 0, 0, 1, 1, 0]
+    hf_parquet(tmp_path / "a.parquet", labels, ["Monet", "Degas"])
+    hf_parquet(tmp_path / "b.parquet", labels[:7], ["Monet", "Degas"])
+    manifest = manifest_of(str(tmp_path))
+    groups = pipeline.row_groups(manifest, storage.S3Settings.from_env())
+    assert len(set(groups.tolist())) == 4 + 3
+    assert pipeline.mixing_rows(manifest, CFG) == 4 * CFG.decode_batch
+    ds = pipeline.build_dataset(manifest, "train", CFG, train=True)
+    for _ in range(2):
+        out = collect(ds, by_key=True)
+        assert out["key"].tolist() == sorted(manifest["key"].to_pylist())
+        assert sorted(out["label"].tolist()) == sorted(manifest["label"].to_pylist())
+
+
 def test_two_consumers_cover_the_epoch_without_overlap(tmp_path, ray_local):
     write_folder_set(tmp_path, {"A": 23, "B": 18})
     manifest = manifest_of(str(tmp_path))

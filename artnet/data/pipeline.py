@@ -136,11 +136,47 @@ def pass_index() -> int:
     return int(getattr(ray.data.DataContext.get_current(), "_execution_idx", 0))
 
 
-@functools.lru_cache(maxsize=2)
-def pass_order(n: int, seed: int, pass_index: int) -> np.ndarray:
-    """The row order of one pass: a permutation of n rows drawn from (seed, pass). Each decode worker process
-    draws it once per pass (1M rows: ~20 ms) and keeps it for the pass's other tasks."""
-    return np.random.default_rng([seed, pass_index]).permutation(n)
+def pass_order(n: int, seed: int, pass_index: int, groups: np.ndarray | None = None) -> np.ndarray:
+    """The row order of one pass, drawn from (seed, pass): a permutation of n rows, or with `groups` (each row's
+    Parquet row group) the groups in random order and each group's rows in random order. Decode tasks take
+    consecutive runs of this order, so a row group is read by at most 1 + its rows / rows per task tasks instead
+    of by nearly one task per row (a row group is the smallest unit Parquet can read)."""
+    rng = np.random.default_rng([seed, pass_index])
+    if groups is None:
+        return rng.permutation(n)
+    rank = rng.permutation(int(groups.max()) + 1)[groups]
+    return np.lexsort((rng.random(n), rank))
+
+
+def row_groups(rows: pa.Table, settings: storage.S3Settings) -> np.ndarray | None:
+    """Each row's Parquet row group as a dense id (an image in its own file is a group of one), or None when
+    every image is its own file. Reads each Parquet file's footer once."""
+    positions = rows["row"].to_numpy()
+    inside = positions >= 0
+    if not inside.any():
+        return None
+    ids, uris, offset = np.empty(rows.num_rows, np.int64), rows["uri"].to_numpy(zero_copy_only=False), 0
+    for uri in np.unique(uris[inside]):
+        chosen = inside & (uris == uri)
+        _, starts = _ParquetRows._layout(uri, settings)
+        ids[chosen] = offset + np.searchsorted(starts, positions[chosen], side="right") - 1
+        offset += len(starts) - 1
+    ids[~inside] = offset + np.arange(int((~inside).sum()))
+    return ids
+
+
+_orders: dict[tuple, np.ndarray] = {}
+
+
+def _pass_order_of(ref, table: pa.Table, seed: int) -> np.ndarray:
+    """This pass's order, drawn once per decode worker process (1M rows: ~20 ms) and kept for the pass's
+    other tasks."""
+    key = (ref.hex(), seed, pass_index())
+    if key not in _orders:
+        _orders.clear()
+        groups = table["group"].to_numpy() if "group" in table.column_names else None
+        _orders[key] = pass_order(table.num_rows, seed, key[2], groups)
+    return _orders[key]
 
 
 _rows_cache: dict[str, pa.Table] = {}
@@ -161,7 +197,7 @@ def take_rows(batch: dict[str, np.ndarray], *, rows, step: int, seed: int | None
     spans = [np.arange(b * step, min((b + 1) * step, table.num_rows)) for b in batch["block"]]
     positions = np.concatenate(spans) if spans else np.empty(0, np.int64)
     if seed is not None:
-        positions = pass_order(table.num_rows, seed, pass_index())[positions]
+        positions = _pass_order_of(rows, table, seed)[positions]
     return table.take(positions)
 
 
@@ -293,20 +329,30 @@ def decode_rows(rows: pa.Table, cfg: PipelineConfig, *, augment: bool, shuffle: 
         raise ConfigError("data.image_size", "is 0 (backbone default) but no backbone resolved it",
                           "set an explicit size, or build datasets through artnet.train")
     configure_data_context()
+    settings = settings or storage.S3Settings.from_env()
+    if shuffle and (groups := row_groups(rows, settings)) is not None:
+        rows = rows.append_column("group", pa.array(groups))
     return pass_rows(rows, cfg.decode_batch, shuffle, cfg.seed).map_batches(
         load_images,
         batch_size=cfg.decode_batch,
         batch_format="pyarrow",
         num_cpus=1,
-        fn_kwargs={"cfg": cfg, "train": augment, "settings": settings or storage.S3Settings.from_env(),
-                   "bad_images": bad_images},
+        fn_kwargs={"cfg": cfg, "train": augment, "settings": settings, "bad_images": bad_images},
     )
+
+
+def mixing_rows(rows: pa.Table, cfg: PipelineConfig) -> int:
+    """Rows a training worker mixes before batching (Ray Data's local shuffle buffer): none when every image is
+    its own file (each pass arrives in a global random order), four decode tasks' worth when images sit inside
+    Parquet (they arrive row group by row group, see `pass_order`)."""
+    return 4 * cfg.decode_batch if pc.any(pc.greater_equal(rows["row"], 0)).as_py() else 0
 
 
 def pass_rows(rows: pa.Table, decode_batch: int, shuffle: bool, seed: int | None = None) -> ray.data.Dataset:
     """Manifest rows in blocks sized for decode tasks, in a new order every pass when `shuffle` (reproducible
-    from `seed`; without one, from a seed drawn here). Per pass the driver plans one tiny block per decode task
-    and moves no rows: the rows are put into the object store once."""
+    from `seed`; without one, from a seed drawn here; row group by row group where `rows` has a `group`
+    column). Per pass the driver plans one tiny block per decode task and moves no rows: the rows are put into
+    the object store once."""
     step = decode_block_rows(rows.num_rows, decode_batch, int(ray.cluster_resources().get("CPU", 1)))
     blocks = max(1, math.ceil(rows.num_rows / step))
     if shuffle and seed is None:

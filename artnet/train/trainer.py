@@ -88,12 +88,14 @@ def make_worker_sum(strategy):
     return lambda values: reduce(tf.constant(np.asarray(values, np.float32))).numpy()
 
 
-def _tf_dataset(shard, batch_size: int, size: int):
-    """A Ray dataset shard as tf.data of (float32 images, int32 labels); Ray already sharded it."""
+def _tf_dataset(shard, batch_size: int, size: int, mixing_rows: int = 0):
+    """A Ray dataset shard as tf.data of (float32 images, int32 labels); Ray already sharded it. With
+    `mixing_rows`, batches are drawn from that many rows (`pipeline.mixing_rows`)."""
     import tensorflow as tf
 
     ds = shard.to_tf(
         feature_columns="image", label_columns="label", batch_size=batch_size, drop_last=True,
+        local_shuffle_buffer_size=mixing_rows or None,
         feature_type_spec=tf.TensorSpec((None, size, size, 3), tf.uint8),
         label_type_spec=tf.TensorSpec((None,), tf.int32),
     )
@@ -261,14 +263,23 @@ def _report(metrics_: dict, rank: int, model, optimizer_values, best_weights, st
 
 def _train_epoch(train_data, step_fn, optimizer, global_batch: int) -> dict:
     """One pass over the shard. Loss and hits are summed as tensors and read once at the end: reading them each
-    step (`float(loss)`) would make the host wait for every step before dispatching the next."""
-    start, loss_sum, correct, steps = time.perf_counter(), 0.0, 0.0, 0
-    for images, labels in train_data:
-        loss, hits = step_fn(images, labels)
+    step (`float(loss)`) would make the host wait for every step before dispatching the next. `input_wait` is
+    the share of the epoch spent waiting for the next batch: near 0 the model sets the pace, near 1 the data
+    path starves it (more decode CPUs per accelerator)."""
+    start, loss_sum, correct, steps, waited = time.perf_counter(), 0.0, 0.0, 0, 0.0
+    batches = iter(train_data)
+    while True:
+        asked = time.perf_counter()
+        batch = next(batches, None)
+        waited += time.perf_counter() - asked
+        if batch is None:
+            break
+        loss, hits = step_fn(*batch)
         loss_sum, correct, steps = loss_sum + loss, correct + hits, steps + 1
-    seen = steps * global_batch
+    seen, elapsed = steps * global_batch, time.perf_counter() - start
     return {"train_loss": float(loss_sum) / max(steps, 1), "train_accuracy": float(correct) / max(seen, 1),
-            "lr": float(optimizer.learning_rate.numpy()), "images_per_s": seen / (time.perf_counter() - start)}
+            "lr": float(optimizer.learning_rate.numpy()), "images_per_s": seen / elapsed,
+            "input_wait": waited / elapsed}
 
 
 def _epoch_line(record: dict, total_epochs: int, stopped: bool) -> str:
@@ -276,7 +287,8 @@ def _epoch_line(record: dict, total_epochs: int, stopped: bool) -> str:
             f"acc {record['train_accuracy']:.3f} | val loss {record['val_loss']:.4f} acc {record['val_accuracy']:.3f} "
             f"top3 {record['val_top3_accuracy']:.3f} bal {record['val_balanced_accuracy']:.3f} "
             f"f1 {record['val_macro_f1']:.3f} | "
-            f"{record['images_per_s']:.1f} img/s" + (" | early stop" if stopped else ""))
+            f"{record['images_per_s']:.1f} img/s, input wait {record['input_wait']:.0%}"
+            + (" | early stop" if stopped else ""))
 
 
 def worker_loop(config: dict) -> None:
@@ -314,7 +326,8 @@ def worker_loop(config: dict) -> None:
         console.say(progress, f"resuming at epoch {state.epoch + 1}")
 
     train_shard = ray.train.get_dataset_shard("train")
-    train_data = strategy.distribute_datasets_from_function(lambda _: _tf_dataset(train_shard, tcfg.batch_size, size))
+    train_data = strategy.distribute_datasets_from_function(
+        lambda _: _tf_dataset(train_shard, tcfg.batch_size, size, config["mixing_rows"]))
     run = tracking.WorkerRun(config["tracking_uri"], config["run_id"]) if rank == 0 else None
     if run is not None:
         run.mirror(state.history)  # epochs a lost worker group checkpointed but never logged
@@ -575,6 +588,7 @@ def fit(job: JobConfig, parent_run_id: str | None = None, callbacks: list | None
             train_loop_config={"job": job, "painters": painters, "train_rows": counts["train"], "run_id": run_id,
                                "identity": identity(job, painters),
                                "class_counts": class_counts(manifest, len(painters)),
+                               "mixing_rows": pipeline.mixing_rows(manifest, job.data),
                                "tracking_uri": uri, "progress": progress},
             scaling_config=ScalingConfig(
                 num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,

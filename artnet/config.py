@@ -197,6 +197,9 @@ class ScalingConfig:
     use_gpu: bool = False
     gpus_per_worker: int = 1
     cpus_per_worker: int = 1
+    # A custom Ray resource each training worker takes one unit of (e.g. "trainer": start the nodes meant for
+    # training with `ray start --resources='{"trainer": 2}'`): workers land only there. Empty: any node.
+    worker_resource: str = ""
 
     def validate(self) -> None:
         if self.num_workers < 1:

@@ -223,9 +223,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_mlflow_server(root: Path, port: int):
-    """A real `mlflow server` on loopback port `port` (sqlite and artifacts under `root`), once it answers;
-    started again on the same `root` and port, it serves the same runs."""
+def start_mlflow_server(root: Path, port: int, artifacts: str = ""):
+    """A real `mlflow server` on loopback port `port` (sqlite under `root`; artifacts proxied to `artifacts`,
+    e.g. an s3:// prefix, default under `root`), once it answers; started again on the same `root` and port, it
+    serves the same runs."""
     import subprocess
     import sys
     import time
@@ -234,7 +235,7 @@ def start_mlflow_server(root: Path, port: int):
     server = subprocess.Popen(
         [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
          "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--artifacts-destination", str(root / "artifacts")],
+         "--artifacts-destination", artifacts or str(root / "artifacts")],
         stdout=open(root / "server.log", "ab"), stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 120
     while True:

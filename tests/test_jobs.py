@@ -1,6 +1,7 @@
 """End to end through a real Ray cluster (`ray start --head`) and `ray job submit`, as a user runs it.
 Run in its own pytest process (marker `cluster`), apart from the local Ray instance of the other tests."""
 
+import json
 import os
 import signal
 import subprocess
@@ -10,30 +11,56 @@ from pathlib import Path
 
 import pytest
 
-from artnet.data import demo_data
-from conftest import REPO, free_port
+from artnet.data import demo_data, storage
+from conftest import REPO, free_port, start_mlflow_server
 
 pytestmark = pytest.mark.cluster
 BIN = Path(sys.executable).parent
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    """A head node in its own process group, so teardown stops this cluster only (`ray stop` would stop
+def start_node(env: dict, temp: Path, *args: str) -> subprocess.Popen:
+    """`ray start --block` in its own process group, so teardown stops this cluster only (`ray stop` would stop
     every Ray process on the machine, a user's running jobs included)."""
+    return subprocess.Popen([str(BIN / "ray"), "start", "--block", "--disable-usage-stats", f"--temp-dir={temp}",
+                             *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+
+
+def wait_for(gcs: str, env: dict, text: str) -> None:
+    """Until `ray status` of the cluster at `gcs` shows `text`."""
+    deadline = time.time() + 120
+    while True:
+        out = subprocess.run([str(BIN / "ray"), "status", "--address", gcs], env=env, capture_output=True, text=True)
+        if out.returncode == 0 and text in out.stdout:
+            return
+        if time.time() > deadline:
+            raise RuntimeError(f"the test cluster never showed {text!r}: {out.stdout[-2000:]}{out.stderr[-2000:]}")
+        time.sleep(2)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, s3_endpoint):
+    """Two Ray nodes on loopback, as a user's cluster has them: a head, and a second node that joins it with
+    `ray start --address` (its own temp dir, and the only node with the custom resource `trainer`, so training
+    workers asked to take one run there and nowhere else). Both inherit the S3 environment, as a cluster's
+    nodes are given credentials and an endpoint."""
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{BIN}:{os.environ['PATH']}"}
-    dashboard = free_port()
-    temp = tmp_path_factory.mktemp("ray")
-    head = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", f"--port={free_port()}",
-                             f"--dashboard-port={dashboard}", "--include-dashboard=true", "--num-cpus=4",
-                             "--disable-usage-stats", f"--temp-dir={temp}"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    yield f"http://127.0.0.1:{dashboard}", env
-    os.killpg(head.pid, signal.SIGTERM)
+    gcs, dashboard = f"127.0.0.1:{free_port()}", free_port()
+    nodes = [start_node(env, tmp_path_factory.mktemp("ray-head"), "--head", f"--port={gcs.rsplit(':', 1)[1]}",
+                        f"--dashboard-port={dashboard}", "--include-dashboard=true", "--num-cpus=2")]
     try:
-        head.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(head.pid, signal.SIGKILL)
+        wait_for(gcs, env, "Active")
+        nodes.append(start_node(env, tmp_path_factory.mktemp("ray-node2"), f"--address={gcs}", "--num-cpus=2",
+                                '--resources={"trainer": 1}'))
+        wait_for(gcs, env, "trainer")
+        yield f"http://127.0.0.1:{dashboard}", env
+    finally:
+        for node in reversed(nodes):
+            os.killpg(node.pid, signal.SIGTERM)
+            try:
+                node.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(node.pid, signal.SIGKILL)
 
 
 def submit(address: str, env: dict, *args: str) -> subprocess.CompletedProcess:
@@ -49,27 +76,56 @@ def submit(address: str, env: dict, *args: str) -> subprocess.CompletedProcess:
         time.sleep(3)
 
 
-def test_catalog_and_train_jobs_through_ray_job_submit(cluster, tmp_path):
+def ray_list(address: str, env: dict, *args: str) -> list[dict]:
+    out = subprocess.run([str(BIN / "ray"), "list", *args, "--address", address, "--format", "json", "--detail"],
+                         env=env, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
+
+
+def test_catalog_and_train_jobs_on_two_nodes_with_images_in_s3_and_a_tracking_server(cluster, s3_bucket, tmp_path):
+    """What a cluster user runs: images, catalog, checkpoints and MLflow artifacts in S3, a real `mlflow server`
+    (sqlite behind it, artifacts in S3), `ray job submit` of catalog and train, training on the second node."""
     address, env = cluster
+    root = f"s3://{s3_bucket}/multinode"
     demo_data.write_demo_set(str(tmp_path / "data"), painters=2, per_painter=20, size=64)
-    out = submit(address, env, "catalog.py", str(tmp_path / "data"), "--out", str(tmp_path / "catalog"),
-                 "--split", "0.6,0.2,0.2")
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "succeeded" in out.stdout and (tmp_path / "catalog" / "manifest.parquet").exists()
+    for f in (tmp_path / "data").rglob("*.*"):
+        storage.write_bytes(f"{root}/data/{f.relative_to(tmp_path / 'data')}", f.read_bytes())
+    (tmp_path / "mlflow").mkdir()
+    port = free_port()
+    server = start_mlflow_server(tmp_path / "mlflow", port, f"{root}/mlflow")
+    try:
+        out = submit(address, env, "catalog.py", f"{root}/data", "--out", f"{root}/catalog", "--split",
+                     "0.6,0.2,0.2")
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        assert "succeeded" in out.stdout and storage.exists(f"{root}/catalog/manifest.parquet")
 
-    out = submit(address, env, "train.py", str(tmp_path / "catalog"), "--preset", "demo", "--name", "job",
-                 "--workdir", str(tmp_path / "work"), "--image-size", "32", "--head-epochs", "1",
-                 "--finetune-epochs", "1")
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "test accuracy" in out.stdout and "succeeded" in out.stdout
-    assert "epoch 2/2 [phase 2]" in out.stdout, "per-epoch lines reach the job's log"
+        out = submit(address, env, "train.py", f"{root}/catalog", "--preset", "demo", "--name", "job", "--workdir",
+                     str(tmp_path / "work"), "--storage-path", f"{root}/ray_results", "--image-size", "32",
+                     "--head-epochs", "1", "--finetune-epochs", "1", "--set", "scaling.worker_resource=trainer",
+                     "--set", f"tracking.tracking_uri=http://127.0.0.1:{port}")
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        assert "test accuracy" in out.stdout and "succeeded" in out.stdout
+        assert "epoch 2/2 [phase 2]" in out.stdout, "per-epoch lines reach the job's log"
 
-    import mlflow
+        import mlflow
 
-    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'work' / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("artnet").experiment_id])
-    assert [r.info.status for r in runs] == ["FINISHED"]
-    assert list((tmp_path / "work" / "ray_results" / "job").glob("checkpoint_*"))
+        client = mlflow.MlflowClient(f"http://127.0.0.1:{port}")
+        runs = client.search_runs([client.get_experiment_by_name("artnet").experiment_id])
+        assert [r.info.status for r in runs] == ["FINISHED"]
+        assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "train_loss")] == [1, 2]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    objects = storage.boto3_client().list_objects_v2(Bucket=s3_bucket, Prefix="multinode/")["Contents"]
+    keys = [o["Key"] for o in objects]
+    assert any(k.startswith("multinode/mlflow/") and k.endswith("confusion_matrix.png") for k in keys)
+    assert any(k.startswith("multinode/mlflow/") and k.endswith("MLmodel") for k in keys)
+    assert any(k.startswith("multinode/ray_results/job/checkpoint_") for k in keys)
+    assert not (tmp_path / "work" / "mlflow.db").exists(), "nothing tracked on the driver's disk"
+
+    trainer_node = [n["node_id"] for n in ray_list(address, env, "nodes") if "trainer" in n["resources_total"]]
+    workers = ray_list(address, env, "actors", "--filter", "class_name=RayTrainWorker")
+    assert workers and {w["node_id"] for w in workers} == set(trainer_node), "training ran on the second node"
 
 
 def test_bad_config_job_fails_fast_with_the_field(cluster, tmp_path):

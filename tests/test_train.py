@@ -170,6 +170,15 @@ def test_workers_that_take_every_cpu_are_refused_before_training(small_catalog, 
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "ray_results").exists()
 
 
+def test_a_worker_resource_no_node_has_is_refused_before_training(small_catalog, tmp_path, ray_local):
+    from artnet.config import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        trainer.fit(job_for(small_catalog, tmp_path, "nowhere", scaling__worker_resource="trainer"))
+    assert err.value.field == "scaling.worker_resource" and "--resources" in str(err.value)
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "ray_results").exists()
+
+
 @pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
 def test_mirrored_over_two_devices_matches_one_device(policy):
     out = subprocess.run([sys.executable, str(REPO / "tests" / "helpers" / "mirrored_equivalence.py"), policy],

@@ -518,13 +518,18 @@ def class_counts(manifest, num_classes: int) -> list[int]:
     return np.bincount(train["label"].to_numpy(), minlength=num_classes).tolist()
 
 
-def _check_cpu_headroom(job: JobConfig) -> None:
-    """Training workers that take every CPU leave none for Ray Data's decode tasks, and the job would wait
-    forever for its first batch: refuse that before starting."""
+def _check_cluster_fits(job: JobConfig) -> None:
+    """Refuse before starting what would wait forever: training workers that take every CPU (none left for Ray
+    Data's decode tasks, so no first batch), or more workers than the cluster has units of `worker_resource`."""
     import ray
 
     from artnet.config import ConfigError
 
+    name = job.scaling.worker_resource
+    if name and ray.cluster_resources().get(name, 0) < job.scaling.num_workers:
+        raise ConfigError("scaling.worker_resource", f"asks for one unit of '{name}' per worker, and the cluster "
+                          f"has {ray.cluster_resources().get(name, 0):g} for {job.scaling.num_workers} worker(s)",
+                          f"start the training nodes with --resources='{{\"{name}\": N}}', or leave it empty")
     total = ray.cluster_resources().get("CPU", 0)
     wanted = job.scaling.num_workers * job.scaling.cpus_per_worker
     if total - wanted < 1:
@@ -569,7 +574,7 @@ def fit(job: JobConfig, parent_run_id: str | None = None, callbacks: list | None
     job = resolve(job)
     check_resumable(job, identity(job, painters))
     console.init_ray()
-    _check_cpu_headroom(job)
+    _check_cluster_fits(job)
     uri = tracking.tracking_uri(job)
     tracking.check_reachable(uri, job.tracking.artifact_location, console.alive_nodes())
     tags = tracking.identity_tags(job, manifest, painters)
@@ -593,7 +598,8 @@ def fit(job: JobConfig, parent_run_id: str | None = None, callbacks: list | None
             scaling_config=ScalingConfig(
                 num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
                 resources_per_worker={"CPU": scaling.cpus_per_worker,
-                                      **({"GPU": scaling.gpus_per_worker} if scaling.use_gpu else {})}),
+                                      **({"GPU": scaling.gpus_per_worker} if scaling.use_gpu else {}),
+                                      **({scaling.worker_resource: 1} if scaling.worker_resource else {})}),
             run_config=_run_config(job, callbacks),
             datasets=datasets,
             # Only train is split by Ray (evenly, dropping a remainder); each epoch's validation reads the

@@ -9,7 +9,7 @@ SHARED ?= ../shared
 export ARTNET_DATA ?= $(wildcard $(SHARED)/data/paintings)
 export ARTNET_WEIGHTS ?= $(wildcard $(SHARED)/weights/mobilenet_v2_1.0_224_imagenet1001.weights.h5)
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench image clean
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,12 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/python bench/pipeline.py
+
+# The image cluster.yaml's nodes run (set its docker.image to the same name).
+IMAGE ?= artnet:0.1.0
+image:
+	docker build -t $(IMAGE) .
+	docker push $(IMAGE)
 
 clean:
 	rm -rf $(VENV) work .pytest_cache

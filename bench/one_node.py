@@ -8,9 +8,10 @@ The Keras side is what a user would write instead: `tf.data` with AUTOTUNE (deco
 `model.fit` with validation each epoch, `model.evaluate` on test. artnet runs as a user runs it: `ray.init()` on
 the machine, its own augmentation, evaluation, calibration and MLflow logging.
 Reported: training images/s per epoch and phase (each side times its own training loop: from the epoch's first
-step to its last, validation excluded), median and spread, and the whole job's wall time.
+step to its last, validation excluded), median and spread, artnet's input wait per epoch, and the whole job's
+wall time; the two sides alternate for `--rounds` rounds, and each ratio is given per round and as the median.
 
-    python bench/one_node.py [--head-epochs 3] [--finetune-epochs 3] [--cpus 2]
+    python bench/one_node.py [--head-epochs 3] [--finetune-epochs 3] [--cpus 2] [--rounds 2]
 Writes bench/results/one_node.json.
 """
 
@@ -44,14 +45,12 @@ def job_for(args, workdir: str):
 
 def run_artnet(args, workdir: str) -> dict:
     import mlflow
-    import ray
 
     from artnet.train import trainer
 
     job = job_for(args, workdir)
     start = time.perf_counter()
-    ray.init(include_dashboard=False)  # the machine's CPUs, as `artnet train` gets them
-    result = trainer.fit(job)
+    result = trainer.fit(job)  # which starts Ray on the machine as `artnet train` does
     wall = time.perf_counter() - start
     client = mlflow.MlflowClient(result["tracking_uri"])
     rates, waits = ([m.value for m in sorted(client.get_metric_history(result["run_id"], key), key=lambda m: m.step)]
@@ -142,6 +141,7 @@ def main() -> None:
     parser.add_argument("--head-epochs", type=int, default=3)
     parser.add_argument("--finetune-epochs", type=int, default=3)
     parser.add_argument("--cpus", type=int, default=os.cpu_count())
+    parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--workdir", default=str(REPO / "work" / "bench_one_node"))
     parser.add_argument("--worker", choices=("artnet", "keras"))
     args = parser.parse_args()
@@ -157,22 +157,28 @@ def main() -> None:
     run_catalog(CatalogConfig(source=str(SHARED / "data" / "paintings"), top_k=3), str(Path(args.workdir) / "catalog"))
     cores = ",".join(str(i) for i in range(args.cpus))
     results = {"command": "python bench/one_node.py " + " ".join(sys.argv[1:]), "cpus": args.cpus,
-               "head_epochs": args.head_epochs, "finetune_epochs": args.finetune_epochs}
-    for side in ("keras", "artnet"):
-        out = subprocess.run(["taskset", "-c", cores, sys.executable, __file__, "--worker", side, "--workdir",
-                              args.workdir, "--head-epochs", str(args.head_epochs), "--finetune-epochs",
-                              str(args.finetune_epochs)], capture_output=True, text=True, cwd=REPO)
-        if out.returncode:
-            sys.exit(f"{side} failed:\n{out.stderr[-3000:]}")
-        results[side] = summary(json.loads(out.stdout.strip().splitlines()[-1]), args.head_epochs)
-        print(side, results[side], flush=True)
-    for phase in (1, 2):
-        results[f"phase{phase}_ratio"] = round(results["artnet"][f"phase{phase}_median"]
-                                               / results["keras"][f"phase{phase}_median"], 2)
-    results["wall_ratio"] = round(results["artnet"]["wall_s"] / results["keras"]["wall_s"], 2)
+               "head_epochs": args.head_epochs, "finetune_epochs": args.finetune_epochs, "rounds": []}
+    for _ in range(args.rounds):  # alternating sides, so a machine that drifts moves both alike
+        row = {}
+        for side in ("keras", "artnet"):
+            out = subprocess.run(["taskset", "-c", cores, sys.executable, __file__, "--worker", side, "--workdir",
+                                  args.workdir, "--head-epochs", str(args.head_epochs), "--finetune-epochs",
+                                  str(args.finetune_epochs)], capture_output=True, text=True, cwd=REPO)
+            if out.returncode:
+                sys.exit(f"{side} failed:\n{out.stderr[-3000:]}")
+            row[side] = summary(json.loads(out.stdout.strip().splitlines()[-1]), args.head_epochs)
+            print(side, row[side], flush=True)
+        for phase in (1, 2):
+            row[f"phase{phase}_ratio"] = round(row["artnet"][f"phase{phase}_median"]
+                                               / row["keras"][f"phase{phase}_median"], 2)
+        row["wall_ratio"] = round(row["artnet"]["wall_s"] / row["keras"]["wall_s"], 2)
+        results["rounds"].append(row)
+    for key in ("phase1_ratio", "phase2_ratio", "wall_ratio"):
+        values = [row[key] for row in results["rounds"]]
+        results[key] = {"median": round(float(np.median(values)), 2), "min": min(values), "max": max(values)}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-    print(json.dumps(results, indent=2))
+    print(json.dumps({k: v for k, v in results.items() if k != "rounds"}, indent=2))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The cluster launcher config and the Dockerfile are checked offline with Ray's own validation code."""
 
 import copy
+import tomllib
 
 import yaml
 
@@ -23,10 +24,17 @@ def test_cluster_yaml_passes_ray_schema_validation():
         raise AssertionError("a misspelt key must fail validation")
 
 
-def test_dockerfile_uses_the_ray_image_of_the_installed_ray_and_installs_the_package():
+def test_the_cluster_runs_the_image_the_dockerfile_builds_with_artnet_installed_in_it():
     import ray
 
     text = (REPO / "Dockerfile").read_text()
-    assert f"rayproject/ray:{ray.__version__}-" in text
-    assert "pip install" in text and "COPY --chown=ray:users artnet" in text
-    assert f"rayproject/ray:{ray.__version__}-" in (REPO / "cluster.yaml").read_text()
+    assert f"FROM rayproject/ray:{ray.__version__}-" in text
+    assert "COPY --chown=ray:users artnet" in text and 'pip install --no-cache-dir ".[search]"' in text
+    config = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    assert config["docker"]["image"].endswith(f"/artnet:{version}"), "the image `make image` builds and pushes"
+    assert "docker build -t $(IMAGE) ." in (REPO / "Makefile").read_text()
+    assert not config.get("setup_commands") and not config.get("file_mounts"), "nothing installed per node"
+    # Training workers asked to take `trainer` (scaling.worker_resource) land on GPU nodes only.
+    assert config["available_node_types"]["gpu_worker"]["resources"] == {"trainer": 1}
+    assert all("trainer" not in t["resources"] for n, t in config["available_node_types"].items() if n != "gpu_worker")

@@ -64,8 +64,9 @@ def test_one_worker_trains_and_mlflow_holds_everything(small_catalog, tmp_path, 
 
 
 def test_two_workers_multi_worker_strategy_trains(small_catalog, tmp_path, ray_local):
-    """Two workers train together and share each epoch's validation: the figures they agree on equal the
-    logged model's (the best epoch's weights) scored on the whole split in one process."""
+    """Two workers train together and share each epoch's validation, the calibration and the test: the figures
+    they agree on equal the logged model's (the best epoch's weights) scored on the whole splits in one
+    process."""
     import mlflow
 
     from artnet.data import pipeline
@@ -90,6 +91,22 @@ def test_two_workers_multi_worker_strategy_trains(small_catalog, tmp_path, ray_l
     assert whole["images"] == history("val_images")[best] > 0, "every validation image counted exactly once"
     assert whole["accuracy"] == history("val_accuracy")[best]
     assert whole["macro_f1"] == pytest.approx(history("val_macro_f1")[best], abs=1e-9)
+
+    from artnet.model import calibration
+
+    def logits_of(split):
+        batches = pipeline.build_dataset(manifest, split, job.data, train=False).iter_batches(
+            batch_size=8, batch_format="numpy")
+        return trainer.collect_logits(lambda x: model(x, training=False), batches, len(painters))
+
+    (val_y, val_logits, _), (test_y, test_logits, _) = logits_of("val"), logits_of("test")
+    fitted = calibration.calibrate(val_logits, val_y, job.train.false_flag_rate)
+    logged = client.get_run(result["run_id"]).data.metrics
+    assert logged["calibration_temperature"] == pytest.approx(fitted.temperature, rel=1e-3)
+    assert logged["test_images"] == len(test_y) > 0, "every test image counted exactly once"
+    assert logged["test_accuracy"] == pytest.approx(float((test_logits.argmax(1) == test_y).mean()), abs=1e-9)
+    # Exact equality of the summed statistics is test_calibration's (the same logits); here the logits of two
+    # processes may differ in the last bits, which can move a confidence across an ECE bin edge.
 
 
 def logged_epochs(result) -> list[int]:

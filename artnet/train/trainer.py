@@ -6,7 +6,7 @@ step is a custom one: model and optimizer built in `strategy.scope()`, the Ray s
 `distribute_datasets_from_function`, the loss scaled by the global batch. Each epoch's validation is shared:
 every worker scores its own disjoint share of the split (`pipeline.eval_shards`) and one all-reduce of
 (confusion matrix, top-3 hits, loss sum) gives every worker the exact global figures, so all of them take the
-same early-stop decision and run the same number of steps. Calibration and test run once, on rank 0.
+same early-stop decision and run the same number of steps. Calibration and test are shared the same way.
 """
 
 from __future__ import annotations
@@ -74,8 +74,9 @@ def visible_gpus(use_gpu: bool, rank: int) -> list[tuple[int, int]]:
 # --------------------------------------------------------------------------------------------- TF helpers
 
 def make_worker_sum(strategy):
-    """All-reduce of a small array across workers. Each replica contributes its worker's value divided by the
-    worker's replica count, so the sum counts each worker once. Every worker must call it equally often."""
+    """All-reduce of a small array across workers, in float64 (counts stay exact, and sums of a split's shares
+    equal the whole split's to rounding). Each replica contributes its worker's value divided by the worker's
+    replica count, so the sum counts each worker once. Every worker must call it equally often."""
     import tensorflow as tf
 
     local_replicas = len(strategy.extended.worker_devices)
@@ -85,7 +86,7 @@ def make_worker_sum(strategy):
         per_replica = strategy.run(tf.identity, args=(value / local_replicas,))
         return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
 
-    return lambda values: reduce(tf.constant(np.asarray(values, np.float32))).numpy()
+    return lambda values: reduce(tf.constant(np.asarray(values, np.float64))).numpy()
 
 
 def _tf_dataset(shard, batch_size: int, size: int, mixing_rows: int = 0):
@@ -180,10 +181,10 @@ def make_predict(model):
     return tf.function(lambda x: model(x, training=False), reduce_retracing=True)
 
 
-def collect_logits(predict, batches, keep: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(labels, logits, the first `keep` images) of a whole split: what calibration, the final scores and the
-    explained examples come from."""
-    labels, logits, kept = [], [], []
+def collect_logits(predict, batches, num_classes: int, keep: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(labels, logits, the first `keep` images) of this worker's share of a split: what calibration, the final
+    scores and the explained examples come from (a share may be empty)."""
+    labels, logits, kept = [np.zeros(0, np.int64)], [np.zeros((0, num_classes), np.float32)], []
     for batch in batches:
         logits.append(predict(batch["image"].astype(np.float32)).numpy())
         labels.append(batch["label"].astype(np.int64))
@@ -202,7 +203,12 @@ def evaluate(predict, batches, num_classes: int, worker_sum=None) -> tuple[dict,
         logits = predict(batch["image"].astype(np.float32)).numpy()
         batch_cm, batch_top3, batch_loss = metrics.tally(batch["label"].astype(np.int64), logits, num_classes)
         cm, top3, loss_sum = cm + batch_cm, top3 + batch_top3, loss_sum + batch_loss
-    if worker_sum is not None:  # counts stay exact in float32 up to 2**24 images per cell
+    return _summarize(cm, top3, loss_sum, worker_sum)
+
+
+def _summarize(cm: np.ndarray, top3: int, loss_sum: float, worker_sum=None) -> tuple[dict, np.ndarray]:
+    """Metrics from tallies, summed over all workers first with `worker_sum` (one all-reduce)."""
+    if worker_sum is not None:
         total = worker_sum(np.concatenate([cm.ravel(), [top3, loss_sum]]))
         cm = np.rint(total[:-2]).astype(np.int64).reshape(cm.shape)
         top3, loss_sum = int(round(total[-2])), float(total[-1])
@@ -387,11 +393,11 @@ def worker_loop(config: dict) -> None:
     # The last epoch's validation metrics again (a Tune scheduler reads its metric in every report) and the run.
     final = {"epoch": state.epoch, "done": True, "run_id": config["run_id"],
              **{k: v for k, v in (state.history[-1] if state.history else {}).items() if k.startswith("val_")}}
+    calibration, test, cm, examples = _calibrate_and_test(predict, split_batches, rank, num_classes,
+                                                          tcfg.false_flag_rate, worker_sum)
+    final.update({f"test_{k}": v for k, v in test.items()})
     if rank == 0:
         run.flush(state.history)
-        calibration, test, cm, examples = _calibrate_and_test(predict, split_batches, num_classes,
-                                                              tcfg.false_flag_rate)
-        final.update({f"test_{k}": v for k, v in test.items()})
         run.log_final(model, test, cm, painters, state.history, size,
                       bundle.metadata(painters, size, job.model.backbone, job.data.augment.standardize, calibration),
                       examples)
@@ -406,18 +412,22 @@ def worker_loop(config: dict) -> None:
     _report(final, rank, model, values, best_weights, state, save_model=True)
 
 
-def _calibrate_and_test(predict, split_batches, num_classes: int, false_flag_rate: float):
+def _calibrate_and_test(predict, split_batches, rank: int, num_classes: int, false_flag_rate: float, worker_sum):
     """Temperature and unknown-painter threshold fitted on validation; test scored once, with its ECE before and
-    after scaling (test plays no part in the fit)."""
+    after scaling (test plays no part in the fit). Every worker scores its own share of both splits and the
+    figures are summed over all of them (`calibration`'s `total`), so all get the whole splits' numbers."""
     from artnet.model import calibration as calib
 
-    val_labels, val_logits, _ = collect_logits(predict, split_batches("val"))
-    fitted = calib.calibrate(val_logits, val_labels, false_flag_rate)
-    test_labels, test_logits, examples = collect_logits(predict, split_batches("test"), keep=EXPLAINED_EXAMPLES)
-    test, cm = metrics.evaluate_logits(test_labels, test_logits, num_classes)
-    test["ece_before"] = calib.expected_calibration_error(metrics.softmax(test_logits), test_labels)
-    test["ece_after"] = calib.expected_calibration_error(fitted.probabilities(test_logits), test_labels)
-    test["unknown_flagged"] = float(fitted.unknown(fitted.probabilities(test_logits)).mean())
+    val_labels, val_logits, _ = collect_logits(predict, split_batches(f"val_{rank}"), num_classes)
+    fitted = calib.calibrate(val_logits, val_labels, false_flag_rate, total=worker_sum)
+    test_labels, test_logits, examples = collect_logits(predict, split_batches(f"test_{rank}"), num_classes,
+                                                        keep=EXPLAINED_EXAMPLES)
+    test, cm = _summarize(*metrics.tally(test_labels, test_logits, num_classes), worker_sum)
+    scaled = fitted.probabilities(test_logits)
+    test["ece_before"] = calib.expected_calibration_error(metrics.softmax(test_logits), test_labels, total=worker_sum)
+    test["ece_after"] = calib.expected_calibration_error(scaled, test_labels, total=worker_sum)
+    flagged, images = worker_sum([fitted.unknown(scaled).sum(), len(test_labels)])
+    test["unknown_flagged"] = float(flagged / max(images, 1))
     return fitted, test, cm, (examples, test_labels[:len(examples)])
 
 
@@ -582,10 +592,10 @@ def fit(job: JobConfig, parent_run_id: str | None = None, callbacks: list | None
         tags[tracking.PARENT_TAG] = parent_run_id
     run_id = tracking.start_job_run(job, uri, tags)
     bad = pipeline.new_tally(manifest.num_rows, job.data)
-    datasets = {split: pipeline.build_dataset(manifest, split, job.data, train=(split == "train"), bad_images=bad)
-                for split in ("train", "val", "test")}
-    shares = pipeline.eval_shards(manifest, "val", job.data, job.scaling.num_workers, bad_images=bad)
-    datasets.update({f"val_{rank}": share for rank, share in enumerate(shares)})
+    datasets = {"train": pipeline.build_dataset(manifest, "train", job.data, train=True, bad_images=bad)}
+    for split in ("val", "test"):  # each worker evaluates its share: `val_<rank>`, `test_<rank>`
+        shares = pipeline.eval_shards(manifest, split, job.data, job.scaling.num_workers, bad_images=bad)
+        datasets.update({f"{split}_{rank}": share for rank, share in enumerate(shares)})
     scaling = job.scaling
     with console.relay() as progress:
         trainer = TensorflowTrainer(
@@ -602,8 +612,8 @@ def fit(job: JobConfig, parent_run_id: str | None = None, callbacks: list | None
                                       **({scaling.worker_resource: 1} if scaling.worker_resource else {})}),
             run_config=_run_config(job, callbacks),
             datasets=datasets,
-            # Only train is split by Ray (evenly, dropping a remainder); each epoch's validation reads the
-            # `val_<rank>` share made for it, and rank 0 alone the whole of val (calibration) and test.
+            # Only train is split by Ray (evenly, dropping a remainder); validation, calibration and test read
+            # the `val_<rank>` / `test_<rank>` shares made for each worker.
             dataset_config=DataConfig(datasets_to_split=["train"]),
         )
         try:

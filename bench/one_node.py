@@ -11,8 +11,8 @@ Reported: training images/s per epoch and phase (each side times its own trainin
 step to its last, validation excluded), median and spread, artnet's input wait per epoch, and the whole job's
 wall time; the two sides alternate for `--rounds` rounds, and each ratio is given per round and as the median.
 
-    python bench/one_node.py [--head-epochs 3] [--finetune-epochs 3] [--cpus 2] [--rounds 2]
-Writes bench/results/one_node.json.
+    python bench/one_node.py [--head-epochs 3] [--finetune-epochs 3] [--cpus 2] [--rounds 2] [--results PATH]
+Writes bench/results/one_node.json (or PATH).
 """
 
 from __future__ import annotations
@@ -142,6 +142,7 @@ def main() -> None:
     parser.add_argument("--finetune-epochs", type=int, default=3)
     parser.add_argument("--cpus", type=int, default=os.cpu_count())
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--results", default=str(RESULTS), help="where the JSON goes")
     parser.add_argument("--workdir", default=str(REPO / "work" / "bench_one_node"))
     parser.add_argument("--worker", choices=("artnet", "keras"))
     args = parser.parse_args()
@@ -176,8 +177,8 @@ def main() -> None:
     for key in ("phase1_ratio", "phase2_ratio", "wall_ratio"):
         values = [row[key] for row in results["rounds"]]
         results[key] = {"median": round(float(np.median(values)), 2), "min": min(values), "max": max(values)}
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    Path(args.results).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.results).write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps({k: v for k, v in results.items() if k != "rounds"}, indent=2))
 
 

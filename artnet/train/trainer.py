@@ -370,7 +370,9 @@ def worker_loop(config: dict) -> None:
         record["images_per_s_per_replica"] = record["images_per_s"] / replicas
         val, _ = evaluate(predict, split_batches(f"val_{rank}"), num_classes, worker_sum)
         record.update({f"val_{k}": v for k, v in val.items()})  # val_images: each image counted once
-        if rank == 0 and val["loss"] < state.best_val_loss:  # rank 0 checkpoints and logs the model
+        # Every rank keeps the best epoch's weights (the same global loss, the same choice): all of them score
+        # their shares of the final splits with those weights; rank 0 checkpoints and logs them.
+        if val["loss"] < state.best_val_loss:
             state.best_val_loss, best_weights = val["loss"], model.get_weights()
         # The same global figures on every worker: the same decision, the same number of epochs for all.
         stopped = schedule.should_stop(state.phase_losses(phase) + [val["loss"]], tcfg.patience)

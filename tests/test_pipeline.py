@@ -86,6 +86,17 @@ def test_a_seeded_run_repeats_and_each_pass_differs(tmp_path, ray_local):
     assert sorted(orders[0]) == sorted(orders[1]) == list(range(40)) and list(orders[0]) != list(orders[1])
 
 
+def test_decode_tasks_each_take_one_block_so_all_cpus_decode(tmp_path, ray_local):
+    """As many decode tasks as `decode_block_rows` blocks (here 40 rows / 4 = 10): the tasks spread over the
+    CPUs. (A batch size on the decode stage once made Ray bundle several blocks into one task: one CPU decoded
+    while the other idled.)"""
+    write_folder_set(tmp_path, {"A": 20, "B": 20})
+    ds = pipeline.build_dataset(manifest_of(str(tmp_path)), "train", PipelineConfig(image_size=32, decode_batch=4),
+                                train=True)
+    assert len(collect(ds)["key"]) == 40
+    assert "load_images): 10 tasks executed" in ds.stats()
+
+
 def test_pipeline_reads_from_s3(tmp_path, s3_bucket, ray_local):
     write_folder_set(tmp_path, PAINTERS, extra={"Claude_Monet": {"truncated.jpg": bad_files()["truncated.jpg"]}})
     for f in tmp_path.rglob("*.jpg"):

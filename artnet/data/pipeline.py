@@ -332,9 +332,11 @@ def decode_rows(rows: pa.Table, cfg: PipelineConfig, *, augment: bool, shuffle: 
     settings = settings or storage.S3Settings.from_env()
     if shuffle and (groups := row_groups(rows, settings)) is not None:
         rows = rows.append_column("group", pa.array(groups))
+    # batch_size None: each decode task takes exactly one block of `pass_rows` (`decode_block_rows` sized it). A
+    # batch size here would be the fused task's minimum *input* rows: it bundled 128 one-row blocks into one task.
     return pass_rows(rows, cfg.decode_batch, shuffle, cfg.seed).map_batches(
         load_images,
-        batch_size=cfg.decode_batch,
+        batch_size=None,
         batch_format="pyarrow",
         num_cpus=1,
         fn_kwargs={"cfg": cfg, "train": augment, "settings": settings, "bad_images": bad_images},

@@ -4,9 +4,9 @@ training consumers.
 Each pass (epoch) takes the split's rows in a fresh order without a shuffle stage: the rows live in the object
 store once, the dataset's blocks are only block numbers, and each decode task takes its rows of this pass's
 permutation (`pass_order`, drawn from the seed and the pass) before reading their bytes. Ray's `random_shuffle`
-is an all-to-all whose cost grows with the square of the block count: over manifest rows alone it took 134 us
-a row per epoch at 10k rows and 763 us at 100k (1M: hours); this design takes 11, 5 and 2.4 us
-(`bench/data_path.py`). Nothing heavy moves and nothing is materialised. Images that cannot be read or decoded
+is an all-to-all whose cost grows with the square of the block count: over manifest rows alone it took 142 us
+a row per epoch at 10k rows and 778 us at 100k (1M: over an hour); this design takes 61, 36 and 39 us at 10k,
+100k and 1M, Ray's per-task cost (`bench/data_path.py`). Nothing heavy moves and nothing is materialised. Images that cannot be read or decoded
 are dropped in the decode tasks and counted in a named `BadImageTally` actor that the driver reads.
 """
 

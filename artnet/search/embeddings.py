@@ -33,7 +33,6 @@ from artnet.search.heads import Features
 
 SPEC_FILE = "spec.json"
 FEATURES, UNDECODABLE = "features", "undecodable"
-EMBED_BATCH = 64
 
 
 @dataclass(frozen=True)
@@ -178,7 +177,9 @@ def _compute(missing: pa.Table, job: JobConfig, spec: EmbeddingSpec, folder: str
             parts.append(pipeline.decode_rows(chosen.drop_columns(["view"]), cfg, augment=augment))
     ds = parts[0] if len(parts) == 1 else parts[0].union(parts[1])
     actors, resources = pipeline.inference_pool(job.scaling.use_gpu)
-    ds = ds.map_batches(Embedder, fn_constructor_kwargs={"job": job, "seed": spec.seed}, batch_size=EMBED_BATCH,
+    # One decode block a call (at most data.decode_batch images): fused with the decode stage, a batch size here
+    # would be counted in blocks' worth of input rows and bundle many blocks into one call.
+    ds = ds.map_batches(Embedder, fn_constructor_kwargs={"job": job, "seed": spec.seed}, batch_size=None,
                         batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors), **resources)
     fs, path = storage.resolve(folder)
     ds.write_parquet(path, filesystem=fs)

@@ -80,23 +80,13 @@ def import_tensorflow():
     return tf
 
 
-def init_ray(training_cpus: int = 0) -> None:
-    """Connect to Ray (the cluster in RAY_ADDRESS or one `ray start` runs on this machine, else a new local
-    instance), with worker output kept in Ray's log files unless verbose.
-
-    A local instance counts `training_cpus` (what the training workers reserve) on top of the machine's cores:
-    on a CPU-only machine TensorFlow's compute threads span every core anyway, and a core reserved for them is a
-    core idled for decoding (`bench/one_node.py`, 2 cores: 120 -> 138 images/s with the frozen backbone, input
-    wait 25% -> 15%). This is what tf.data does too (map threads on every core beside the model's). On a cluster,
-    the nodes' `ray start --num-cpus` decide."""
+def init_ray() -> None:
+    """Connect to Ray (RAY_ADDRESS, or a local instance) with worker output kept in Ray's log files unless
+    verbose."""
     import ray
 
     if not ray.is_initialized():
-        options = {"log_to_driver": _verbose, "logging_level": logging.INFO if _verbose else logging.WARNING}
-        try:
-            ray.init(address="auto", **options)
-        except ConnectionError:  # no cluster to join
-            ray.init(num_cpus=(os.cpu_count() or 1) + training_cpus, **options)
+        ray.init(log_to_driver=_verbose, logging_level=logging.INFO if _verbose else logging.WARNING)
     import ray.data
 
     ray.data.DataContext.get_current().print_on_execution_start = _verbose

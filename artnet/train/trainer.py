@@ -585,7 +585,7 @@ def fit(job: JobConfig, parent_run_id: str | None = None, callbacks: list | None
     counts = _check_manifest(manifest, painters)
     job = resolve(job)
     check_resumable(job, identity(job, painters))
-    console.init_ray(training_cpus=job.scaling.num_workers * job.scaling.cpus_per_worker)
+    console.init_ray()
     _check_cluster_fits(job)
     uri = tracking.tracking_uri(job)
     tracking.check_reachable(uri, job.tracking.artifact_location, console.alive_nodes())

@@ -6,8 +6,9 @@ store once, the dataset's blocks are only block numbers, and each decode task ta
 permutation (`pass_order`, drawn from the seed and the pass) before reading their bytes. Ray's `random_shuffle`
 is an all-to-all whose cost grows with the square of the block count: over manifest rows alone it took 142 us
 a row per epoch at 10k rows and 778 us at 100k (1M: over an hour); this design takes 61, 36 and 39 us at 10k,
-100k and 1M, Ray's per-task cost (`bench/data_path.py`). Nothing heavy moves and nothing is materialised. Images that cannot be read or decoded
-are dropped in the decode tasks and counted in a named `BadImageTally` actor that the driver reads.
+100k and 1M, Ray's per-task cost (`bench/data_path.py`). Nothing heavy moves and nothing is materialised.
+Images that cannot be read or decoded are dropped in the decode tasks and counted in a named `BadImageTally`
+actor that the driver reads.
 """
 
 from __future__ import annotations

@@ -34,17 +34,13 @@ def _alone(values: np.ndarray) -> np.ndarray:
 
 
 def _nll_sum(logits: np.ndarray, labels: np.ndarray, temperature: float) -> float:
+    """Summed negative log-likelihood of the true painters at a temperature (0 for an empty share)."""
     if len(labels) == 0:
         return 0.0
     z = np.asarray(logits, np.float64) / temperature
     z = z - z.max(axis=1, keepdims=True)
     log_probs = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
     return float(-log_probs[np.arange(len(labels)), labels].sum())
-
-
-def nll(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> float:
-    """Mean negative log-likelihood of the true painters at a temperature."""
-    return _nll_sum(logits, labels, temperature) / len(labels)
 
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray, low: float = 0.25, high: float = 20.0,

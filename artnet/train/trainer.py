@@ -537,12 +537,12 @@ def _check_cluster_fits(job: JobConfig) -> None:
 
     from artnet.config import ConfigError
 
-    name = job.scaling.worker_resource
-    if name and ray.cluster_resources().get(name, 0) < job.scaling.num_workers:
+    name, resources = job.scaling.worker_resource, ray.cluster_resources()
+    if name and resources.get(name, 0) < job.scaling.num_workers:
         raise ConfigError("scaling.worker_resource", f"asks for one unit of '{name}' per worker, and the cluster "
-                          f"has {ray.cluster_resources().get(name, 0):g} for {job.scaling.num_workers} worker(s)",
+                          f"has {resources.get(name, 0):g} for {job.scaling.num_workers} worker(s)",
                           f"start the training nodes with --resources='{{\"{name}\": N}}', or leave it empty")
-    total = ray.cluster_resources().get("CPU", 0)
+    total = resources.get("CPU", 0)
     wanted = job.scaling.num_workers * job.scaling.cpus_per_worker
     if total - wanted < 1:
         raise ConfigError("scaling.num_workers", f"{job.scaling.num_workers} worker(s) x "

@@ -9,7 +9,10 @@ The Keras side is what a user would write instead: `tf.data` with AUTOTUNE (deco
 the machine, its own augmentation, evaluation, calibration and MLflow logging.
 Reported: training images/s per epoch and phase (each side times its own training loop: from the epoch's first
 step to its last, validation excluded), median and spread, artnet's input wait per epoch, and the whole job's
-wall time; the two sides alternate for `--rounds` rounds, and each ratio is given per round and as the median.
+wall time (TensorFlow's import included on both sides) split into before the first epoch, the epochs, and after
+the last one; the two sides alternate for `--rounds` rounds, and each ratio is given per round and as the median.
+Each round also times a null Ray Train job (start Ray, one worker that only imports TensorFlow, shut down): the
+part of artnet's fixed cost that any job on Ray Train pays.
 
     python bench/one_node.py [--head-epochs 3] [--finetune-epochs 3] [--cpus 2] [--rounds 2] [--results PATH]
 Writes bench/results/one_node.json (or PATH).
@@ -43,6 +46,29 @@ def job_for(args, workdir: str):
         "train.finetune_epochs": str(args.finetune_epochs), "train.patience": "0", "train.seed": "0"})
 
 
+class LineClock:
+    """Stands in for stdout while artnet runs: stamps each console line (artnet prints its progress there) with
+    the seconds since `start`, and passes it on to stderr (stdout carries the result's JSON)."""
+
+    def __init__(self, start: float):
+        self.start, self.lines, self.partial = start, [], ""
+
+    def write(self, text: str) -> int:
+        self.partial += text
+        *done, self.partial = self.partial.split("\n")
+        self.lines += [(time.perf_counter() - self.start, line) for line in done if line.strip()]
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+    def first(self, prefix: str) -> float:
+        return next(t for t, line in self.lines if line.startswith(prefix))
+
+    def last(self, prefix: str) -> float:
+        return [t for t, line in self.lines if line.startswith(prefix)][-1]
+
+
 def run_artnet(args, workdir: str) -> dict:
     import mlflow
 
@@ -50,16 +76,46 @@ def run_artnet(args, workdir: str) -> dict:
 
     job = job_for(args, workdir)
     start = time.perf_counter()
-    result = trainer.fit(job)  # which starts Ray on the machine as `artnet train` does
+    clock, stdout = LineClock(start), sys.stdout
+    sys.stdout = clock
+    try:
+        result = trainer.fit(job)  # which starts Ray on the machine as `artnet train` does
+    finally:
+        sys.stdout = stdout
     wall = time.perf_counter() - start
     client = mlflow.MlflowClient(result["tracking_uri"])
     rates, waits = ([m.value for m in sorted(client.get_metric_history(result["run_id"], key), key=lambda m: m.step)]
                     for key in ("images_per_s", "input_wait"))
+    # Where the wall time goes: up to the first phase's start (Ray, the Train worker, TensorFlow, the model),
+    # the epochs, and after the last epoch (calibration, test, the model and plots logged).
+    stages = {"before_training_s": clock.first("phase 1:"), "after_training_s": wall - clock.last("epoch ")}
     return {"wall_s": wall, "epoch_images_per_s": rates, "epoch_input_wait": [round(w, 2) for w in waits],
-            "test_accuracy": result["metrics"].get("test_accuracy")}
+            "test_accuracy": result["metrics"].get("test_accuracy"), **stages}
+
+
+def run_null(args, workdir: str) -> dict:
+    """Ray's part of the fixed cost, with no artnet in it: start Ray as artnet does, run a one-worker
+    TensorflowTrainer whose loop only imports TensorFlow, shut down."""
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.tensorflow import TensorflowTrainer
+
+    from artnet import console
+
+    def loop(_config):
+        import tensorflow  # noqa: F401  (the worker's own import, as artnet's worker pays it)
+
+    start = time.perf_counter()
+    console.init_ray()
+    TensorflowTrainer(loop, scaling_config=ScalingConfig(num_workers=1),
+                      run_config=RunConfig(name=f"null-{int(time.time())}",
+                                           storage_path=str(Path(workdir) / "ray_results"))).fit()
+    ray.shutdown()
+    return {"wall_s": time.perf_counter() - start}
 
 
 def run_keras(args, workdir: str) -> dict:
+    start = time.perf_counter()  # a user's script pays for importing TensorFlow too, as artnet's job does
     import keras
     import tensorflow as tf
 
@@ -68,7 +124,6 @@ def run_keras(args, workdir: str) -> dict:
     from artnet.train import schedule, trainer
 
     job = job_for(args, workdir)
-    start = time.perf_counter()
     manifest, painters = catalog.load(job.catalog)
     size, batch, tcfg = job.data.image_size, job.train.batch_size, job.train
     rows = {split: pipeline.split_rows(manifest, split) for split in ("train", "val", "test")}
@@ -104,12 +159,14 @@ def run_keras(args, workdir: str) -> dict:
 
         def on_epoch_begin(self, epoch, logs=None):
             self.start, self.steps = time.perf_counter(), 0
+            self.first = getattr(self, "first", self.start)
 
         def on_train_batch_end(self, step, logs=None):
             self.steps, self.last = self.steps + 1, time.perf_counter()
 
         def on_epoch_end(self, epoch, logs=None):
             self.rates.append(self.steps * batch / (self.last - self.start))
+            self.ended = time.perf_counter()  # after the epoch's validation
 
     timer = EpochTimer()
     for phase, epochs in ((1, tcfg.head_epochs), (2, tcfg.finetune_epochs)):
@@ -120,13 +177,16 @@ def run_keras(args, workdir: str) -> dict:
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         model.fit(train_ds, validation_data=val_ds, epochs=epochs, callbacks=[timer], verbose=0)
     _, accuracy = model.evaluate(test_ds, verbose=0)
-    return {"wall_s": time.perf_counter() - start, "epoch_images_per_s": timer.rates, "test_accuracy": accuracy}
+    end = time.perf_counter()
+    return {"wall_s": end - start, "epoch_images_per_s": timer.rates, "test_accuracy": accuracy,
+            "before_training_s": timer.first - start, "after_training_s": end - timer.ended}
 
 
 def summary(run: dict, head_epochs: int) -> dict:
     rates = run["epoch_images_per_s"]
     out = {"wall_s": round(run["wall_s"], 1), "test_accuracy": round(float(run["test_accuracy"]), 3),
-           "epoch_images_per_s": [round(r, 1) for r in rates]}
+           "epoch_images_per_s": [round(r, 1) for r in rates],
+           **{key: round(run[key], 1) for key in ("before_training_s", "after_training_s")}}
     if "epoch_input_wait" in run:  # artnet's share of each epoch spent waiting for its next batch
         out["epoch_input_wait"] = run["epoch_input_wait"]
     for phase, part in ((1, rates[:head_epochs]), (2, rates[head_epochs:])):
@@ -144,11 +204,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--results", default=str(RESULTS), help="where the JSON goes")
     parser.add_argument("--workdir", default=str(REPO / "work" / "bench_one_node"))
-    parser.add_argument("--worker", choices=("artnet", "keras"))
+    parser.add_argument("--worker", choices=tuple(SIDES))
     args = parser.parse_args()
     if args.worker:
-        run = run_artnet if args.worker == "artnet" else run_keras
-        print(json.dumps(run(args, args.workdir)))
+        print(json.dumps(SIDES[args.worker](args, args.workdir)))
         return
     from artnet.cli import run_catalog
     from artnet.config import CatalogConfig
@@ -159,16 +218,21 @@ def main() -> None:
     cores = ",".join(str(i) for i in range(args.cpus))
     results = {"command": "python bench/one_node.py " + " ".join(sys.argv[1:]), "cpus": args.cpus,
                "head_epochs": args.head_epochs, "finetune_epochs": args.finetune_epochs, "rounds": []}
+    def side_run(side: str) -> dict:
+        out = subprocess.run(["taskset", "-c", cores, sys.executable, __file__, "--worker", side, "--workdir",
+                              args.workdir, "--head-epochs", str(args.head_epochs), "--finetune-epochs",
+                              str(args.finetune_epochs)], capture_output=True, text=True, cwd=REPO)
+        if out.returncode:
+            sys.exit(f"{side} failed:\n{out.stderr[-3000:]}")
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
     for _ in range(args.rounds):  # alternating sides, so a machine that drifts moves both alike
         row = {}
         for side in ("keras", "artnet"):
-            out = subprocess.run(["taskset", "-c", cores, sys.executable, __file__, "--worker", side, "--workdir",
-                                  args.workdir, "--head-epochs", str(args.head_epochs), "--finetune-epochs",
-                                  str(args.finetune_epochs)], capture_output=True, text=True, cwd=REPO)
-            if out.returncode:
-                sys.exit(f"{side} failed:\n{out.stderr[-3000:]}")
-            row[side] = summary(json.loads(out.stdout.strip().splitlines()[-1]), args.head_epochs)
+            row[side] = summary(side_run(side), args.head_epochs)
             print(side, row[side], flush=True)
+        row["null_ray_train_wall_s"] = round(side_run("null")["wall_s"], 1)
+        print("null Ray Train job", row["null_ray_train_wall_s"], "s", flush=True)
         for phase in (1, 2):
             row[f"phase{phase}_ratio"] = round(row["artnet"][f"phase{phase}_median"]
                                                / row["keras"][f"phase{phase}_median"], 2)
@@ -181,6 +245,8 @@ def main() -> None:
     Path(args.results).write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps({k: v for k, v in results.items() if k != "rounds"}, indent=2))
 
+
+SIDES = {"artnet": run_artnet, "keras": run_keras, "null": run_null}
 
 if __name__ == "__main__":
     main()

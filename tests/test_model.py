@@ -183,3 +183,21 @@ def test_precision_auto_follows_the_gpus_and_use_gpu_without_one_is_refused():
     assert trainer.visible_gpus(False, 0) == []  # this machine: TensorFlow sees no GPU
     with pytest.raises(ConfigError, match="scaling.use_gpu.*worker 1 sees no GPU"):
         trainer.visible_gpus(True, 1)
+
+
+def test_validation_is_decoded_once_and_replayed_while_it_fits():
+    from artnet.train import trainer
+
+    reads = []
+
+    def read():
+        reads.append(1)
+        return ({"image": np.full((2, 4, 4, 3), i, np.uint8), "label": np.array([i, i])} for i in range(3))
+
+    fits = trainer.Replay(read, budget=3 * 2 * 48)  # exactly the three batches' images
+    next(iter(fits))  # a first pass cut short keeps nothing: it would replay a partial split
+    passes = [[b["label"].tolist() for b in fits] for _ in range(3)]
+    assert passes == [[[0, 0], [1, 1], [2, 2]]] * 3 and len(reads) == 2  # the cut pass, then one full read
+    too_big = trainer.Replay(read, budget=3 * 2 * 48 - 1)
+    passes = [[b["label"].tolist() for b in too_big] for _ in range(2)]
+    assert passes == [[[0, 0], [1, 1], [2, 2]]] * 2 and len(reads) == 4  # read again every time

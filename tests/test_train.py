@@ -45,7 +45,8 @@ def test_one_worker_trains_and_mlflow_holds_everything(small_catalog, tmp_path, 
     losses = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "train_loss"), key=lambda m: m.step)]
     assert len(losses) == 3 and losses[-1] < losses[0]
     assert run.data.metrics["bad_images_skipped"] == 2
-    assert {"test_accuracy", "test_top3_accuracy", "test_macro_f1", "val_macro_f1"} <= set(run.data.metrics)
+    assert {"test_accuracy", "test_top3_accuracy", "test_macro_f1", "val_macro_f1", "val_seconds",
+            "test_seconds"} <= set(run.data.metrics)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"confusion_matrix.png", "confusion_matrix.csv", "training_curves.png", "gradcam_test.png",
             "per_painter.json", "bad_images.json", "manifest.parquet", "labels.json"} <= artifacts

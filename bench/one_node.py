@@ -66,7 +66,10 @@ class LineClock:
         return next(t for t, line in self.lines if line.startswith(prefix))
 
     def last(self, prefix: str) -> float:
-        return [t for t, line in self.lines if line.startswith(prefix)][-1]
+        return self.all(prefix)[-1]
+
+    def all(self, prefix: str) -> list[float]:
+        return [t for t, line in self.lines if line.startswith(prefix)]
 
 
 def run_artnet(args, workdir: str) -> dict:
@@ -84,11 +87,14 @@ def run_artnet(args, workdir: str) -> dict:
         sys.stdout = stdout
     wall = time.perf_counter() - start
     client = mlflow.MlflowClient(result["tracking_uri"])
-    rates, waits = ([m.value for m in sorted(client.get_metric_history(result["run_id"], key), key=lambda m: m.step)]
-                    for key in ("images_per_s", "input_wait"))
+    rates, waits, val = ([m.value for m in sorted(client.get_metric_history(result["run_id"], key), key=lambda m: m.step)]
+                         for key in ("images_per_s", "input_wait", "val_seconds"))
     # Where the wall time goes: up to the first phase's start (Ray, the Train worker, TensorFlow, the model),
     # the epochs, and after the last epoch (calibration, test, the model and plots logged).
-    stages = {"before_training_s": clock.first("phase 1:"), "after_training_s": wall - clock.last("epoch ")}
+    ends = [clock.first("phase 1:")] + clock.all("epoch ")
+    stages = {"before_training_s": ends[0], "after_training_s": wall - ends[-1],
+              "epoch_seconds": [round(b - a, 1) for a, b in zip(ends, ends[1:])],  # training, validation, checkpoint
+              "epoch_val_seconds": [round(v, 2) for v in val]}
     return {"wall_s": wall, "epoch_images_per_s": rates, "epoch_input_wait": [round(w, 2) for w in waits],
             "test_accuracy": result["metrics"].get("test_accuracy"), **stages}
 
@@ -187,8 +193,9 @@ def summary(run: dict, head_epochs: int) -> dict:
     out = {"wall_s": round(run["wall_s"], 1), "test_accuracy": round(float(run["test_accuracy"]), 3),
            "epoch_images_per_s": [round(r, 1) for r in rates],
            **{key: round(run[key], 1) for key in ("before_training_s", "after_training_s")}}
-    if "epoch_input_wait" in run:  # artnet's share of each epoch spent waiting for its next batch
-        out["epoch_input_wait"] = run["epoch_input_wait"]
+    for key in ("epoch_input_wait", "epoch_seconds", "epoch_val_seconds"):  # artnet's own
+        if key in run:
+            out[key] = run[key]
     for phase, part in ((1, rates[:head_epochs]), (2, rates[head_epochs:])):
         warm = part[1:] if len(part) > 1 else part  # an epoch that builds graphs is not the steady rate
         out[f"phase{phase}_median"] = round(float(np.median(warm)), 1)

@@ -201,3 +201,20 @@ def test_validation_is_decoded_once_and_replayed_while_it_fits():
     too_big = trainer.Replay(read, budget=3 * 2 * 48 - 1)
     passes = [[b["label"].tolist() for b in too_big] for _ in range(2)]
     assert passes == [[[0, 0], [1, 1], [2, 2]]] * 2 and len(reads) == 4  # read again every time
+
+
+def test_an_epochs_iterator_is_destroyed_off_the_training_thread():
+    import threading
+
+    from artnet.train import trainer
+
+    destroyed_on = []
+    done = threading.Event()
+
+    class Iterator:
+        def __del__(self):
+            destroyed_on.append(threading.current_thread().name)
+            done.set()
+
+    trainer._release_in_background([Iterator()])
+    assert done.wait(10) and destroyed_on == ["artnet-release-iterator"]

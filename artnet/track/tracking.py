@@ -233,8 +233,20 @@ class WorkerRun:
         example = np.zeros((1, size, size, 3), np.float32)
         signature = infer_signature(example, np.zeros((1, len(painters)), np.float32))
         with mlflow.start_run(run_id=self.run_id):
-            info = mlflow.keras.log_model(model, name="model", signature=signature, metadata=model_metadata)
+            info = mlflow.keras.log_model(model, name="model", signature=signature, metadata=model_metadata,
+                                          pip_requirements=model_requirements())
             mlflow.set_tag(MODEL_URI_TAG, info.model_uri)  # what the registry step will register
+
+
+def model_requirements() -> list[str]:
+    """What the logged model needs to be served, pinned to this environment: what MLflow would infer itself,
+    but without the subprocess it starts to find out (a fresh Python importing TensorFlow: seconds a job)."""
+    import keras
+    import mlflow
+    import tensorflow as tf
+
+    return [f"mlflow=={mlflow.__version__}", f"keras=={keras.__version__}", f"numpy=={np.__version__}",
+            f"tensorflow=={tf.__version__}"]
 
 
 def explained_grid(model, images: np.ndarray, labels: np.ndarray, painters: list[str], path: str) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -79,17 +80,24 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--replicas", type=int, default=2)
+    parser.add_argument("--model", choices=tuple(MODELS), help="measure one model in this process")
     args = parser.parse_args()
-    import tensorflow as tf
+    if args.model:  # each model in its own process: two strategies in one process share collective keys
+        import tensorflow as tf
 
-    cpu = tf.config.list_physical_devices("CPU")[0]
-    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * args.replicas)
-    devices = [d.device_type for d in tf.config.list_physical_devices()]
-    results = {"command": "python bench/host_sync.py " + " ".join(sys.argv[1:]), "devices": devices,
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * args.replicas)
+        print(json.dumps(measure(args.model, args)))
+        return
+    results = {"command": "python bench/host_sync.py " + " ".join(sys.argv[1:]), "device": "CPU (no GPU here)",
                "cpu_cores": os.cpu_count(), "replicas": args.replicas, "batch_per_replica": BATCH,
                "steps": args.steps, "rounds": args.rounds, "models": {}}
     for name in MODELS:
-        results["models"][name] = measure(name, args)
+        out = subprocess.run([sys.executable, __file__, "--model", name, "--steps", str(args.steps), "--rounds",
+                              str(args.rounds), "--replicas", str(args.replicas)], capture_output=True, text=True)
+        if out.returncode:
+            sys.exit(out.stderr[-3000:])
+        results["models"][name] = json.loads(out.stdout.strip().splitlines()[-1])
         print(name, results["models"][name], flush=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))

@@ -32,17 +32,21 @@ def _name_tuple(text: str) -> tuple[str, ...]:
 
 
 def add_catalog_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--top-k", type=int, default=0, help="keep the K painters with most paintings")
-    p.add_argument("--painters", type=_name_tuple, default=(), help="comma-separated painter names to keep")
-    p.add_argument("--min-paintings", type=int, default=1, help="drop painters with fewer paintings")
-    p.add_argument("--split", type=_float_tuple, default=(0.8, 0.1, 0.1), help="train,val,test fractions")
-    p.add_argument("--seed", type=int, default=0, help="split seed (an image keeps its split for a given seed)")
+    """Options left unset keep `CatalogConfig`'s defaults (shown in the help from there)."""
+    d = CatalogConfig(source="")
+    p.add_argument("--top-k", type=int, help=f"keep the K painters with most paintings (default {d.top_k}: all)")
+    p.add_argument("--painters", type=_name_tuple, help="comma-separated painter names to keep (default: all)")
+    p.add_argument("--min-paintings", type=int, help=f"drop painters with fewer paintings (default {d.min_paintings})")
+    p.add_argument("--split", type=_float_tuple,
+                   help=f"train,val,test fractions (default {','.join(str(x) for x in d.split)})")
+    p.add_argument("--seed", type=int,
+                   help=f"split seed: an image keeps its split for a given seed (default {d.seed})")
     p.add_argument("--layout", choices=catalog.LAYOUTS, default="auto", help="source layout (default: detect)")
 
 
 def catalog_config(args: argparse.Namespace, source: str) -> CatalogConfig:
-    cfg = CatalogConfig(source=source, painters=args.painters, top_k=args.top_k, min_paintings=args.min_paintings,
-                        split=args.split, seed=args.seed)
+    cfg = replace(CatalogConfig(source=source), painters=args.painters, top_k=args.top_k,
+                  min_paintings=args.min_paintings, split=args.split, seed=args.seed)
     cfg.validate()
     return cfg
 

@@ -175,3 +175,12 @@ def test_real_paintings_top3():
     cat = catalog.build(CatalogConfig(source=str(PAINTINGS), top_k=3, seed=0))
     assert painters_of(cat) == {"Vincent_van_Gogh": 877, "Edgar_Degas": 702, "Pablo_Picasso": 439}
     assert cat.skipped.get("not_an_image_file") == 2  # README.md and artists.csv
+
+
+def test_catalog_options_left_unset_keep_the_config_defaults():
+    parser = cli.build_parser()
+    unset = cli.catalog_config(parser.parse_args(["catalog", "src", "--out", "o"]), "src")
+    assert unset == CatalogConfig(source="src")
+    given = cli.catalog_config(parser.parse_args(["catalog", "src", "--out", "o", "--min-paintings", "40", "--split",
+                                                  "0.7,0.2,0.1", "--seed", "3", "--top-k", "5"]), "src")
+    assert (given.min_paintings, given.split, given.seed, given.top_k) == (40, (0.7, 0.2, 0.1), 3, 5)

@@ -65,9 +65,6 @@ class LineClock:
     def first(self, prefix: str) -> float:
         return next(t for t, line in self.lines if line.startswith(prefix))
 
-    def last(self, prefix: str) -> float:
-        return self.all(prefix)[-1]
-
     def all(self, prefix: str) -> list[float]:
         return [t for t, line in self.lines if line.startswith(prefix)]
 

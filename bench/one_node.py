@@ -12,7 +12,9 @@ step to its last, validation excluded), median and spread, artnet's input wait p
 wall time (TensorFlow's import included on both sides) split into before the first epoch, the epochs, and after
 the last one; the two sides alternate for `--rounds` rounds, and each ratio is given per round and as the median.
 Each round also times a null Ray Train job (start Ray, one worker that only imports TensorFlow, shut down): the
-part of artnet's fixed cost that any job on Ray Train pays.
+part of artnet's fixed cost that any job on Ray Train pays. And each side's phases are split into who used the
+cores (`CpuMeter`: every process's CPU time from /proc, once a second): for artnet the training worker, the decode
+tasks, Ray Data's coordinator and Ray's other processes; for Keras its one process; the rest is idle.
 
     python bench/one_node.py [--head-epochs 3] [--finetune-epochs 3] [--cpus 2] [--rounds 2] [--results PATH]
 Writes bench/results/one_node.json (or PATH).
@@ -25,6 +27,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -69,6 +72,70 @@ class LineClock:
         return [t for t, line in self.lines if line.startswith(prefix)]
 
 
+class CpuMeter:
+    """Every process's CPU time, sampled once a second on a thread (Linux /proc), so that a window of the run
+    can be split by who used the cores. Times are seconds since `start`, the side's own clock."""
+
+    TICK = os.sysconf("SC_CLK_TCK")
+
+    def __init__(self, start: float):
+        self.start, self.samples, self.stop = start, [], threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            self.samples.append(self._sample())
+            self.stop.wait(1.0)
+
+    def _sample(self) -> tuple[float, dict[int, tuple[float, str]]]:
+        seen = {}
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                    cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+                except OSError:  # it ended while we looked
+                    continue
+                seen[int(entry.name)] = ((int(fields[11]) + int(fields[12])) / self.TICK, cmd)
+        return time.perf_counter() - self.start, seen
+
+    def shares(self, t0: float, t1: float, group) -> dict[str, float]:
+        """Each group's share of the cores' time between t0 and t1 (`group(pid, cmdline)` names it), and "idle".
+        A process first seen inside the window counts from zero (it started there); a Ray worker process is named
+        after the task it runs at the last look."""
+        self.stop.set()
+        self.thread.join()
+        before = max((s for s in self.samples if s[0] <= t0), key=lambda s: s[0], default=self.samples[0])[1]
+        inside = [s for s in self.samples if t0 < s[0] <= t1]
+        last = {}
+        for _, seen in inside:
+            last.update(seen)
+        used: dict[str, float] = {}
+        for pid, (seconds, cmd) in last.items():
+            start = before.get(pid, (0.0, cmd))[0]
+            used[group(pid, cmd)] = used.get(group(pid, cmd), 0.0) + max(0.0, seconds - start)
+        capacity = (inside[-1][0] - t0) * len(os.sched_getaffinity(0)) if inside else 1.0
+        used["idle"] = max(0.0, capacity - sum(used.values()))
+        return {name: round(seconds / capacity, 3) for name, seconds in sorted(used.items())}
+
+
+def artnet_group(pid: int, cmd: str) -> str:
+    if pid == os.getpid():
+        return "driver"
+    if cmd.startswith("ray::RayTrainWorker"):
+        return "training worker"
+    if cmd.startswith("ray::SplitCoordinator"):
+        return "Ray Data coordinator"
+    if cmd.startswith("ray::") and any(op in cmd for op in ("MapBatches", "Read", "IDLE")):
+        return "decode tasks"
+    return "Ray's other processes" if "ray" in cmd else "rest of the machine"
+
+
+def keras_group(pid: int, cmd: str) -> str:
+    return "keras process" if pid == os.getpid() else "rest of the machine"
+
+
 def run_artnet(args, workdir: str) -> dict:
     import mlflow
 
@@ -76,7 +143,7 @@ def run_artnet(args, workdir: str) -> dict:
 
     job = job_for(args, workdir)
     start = time.perf_counter()
-    clock, stdout = LineClock(start), sys.stdout
+    clock, stdout, meter = LineClock(start), sys.stdout, CpuMeter(start)
     sys.stdout = clock
     try:
         result = trainer.fit(job)  # which starts Ray on the machine as `artnet train` does
@@ -92,6 +159,9 @@ def run_artnet(args, workdir: str) -> dict:
     stages = {"before_training_s": ends[0], "after_training_s": wall - ends[-1],
               "epoch_seconds": [round(b - a, 1) for a, b in zip(ends, ends[1:])],  # training, validation, checkpoint
               "epoch_val_seconds": [round(v, 2) for v in val]}
+    phase2 = clock.first("phase 2:")
+    stages["cpu_shares"] = {"phase1": meter.shares(ends[0], phase2, artnet_group),
+                            "phase2": meter.shares(phase2, ends[-1], artnet_group)}
     return {"wall_s": wall, "epoch_images_per_s": rates, "epoch_input_wait": [round(w, 2) for w in waits],
             "test_accuracy": result["metrics"].get("test_accuracy"), **stages}
 
@@ -119,6 +189,7 @@ def run_null(args, workdir: str) -> dict:
 
 def run_keras(args, workdir: str) -> dict:
     start = time.perf_counter()  # a user's script pays for importing TensorFlow too, as artnet's job does
+    meter = CpuMeter(start)
     import keras
     import tensorflow as tf
 
@@ -171,8 +242,9 @@ def run_keras(args, workdir: str) -> dict:
             self.rates.append(self.steps * batch / (self.last - self.start))
             self.ended = time.perf_counter()  # after the epoch's validation
 
-    timer = EpochTimer()
+    timer, phase_starts = EpochTimer(), []
     for phase, epochs in ((1, tcfg.head_epochs), (2, tcfg.finetune_epochs)):
+        phase_starts.append(time.perf_counter() - start)
         classifier.set_trainable_blocks(model, spec, tcfg.unfreeze_blocks if phase == 2 else 0)
         peak = schedule.scaled_lr(tcfg.lr, batch) * (1.0 if phase == 1 else tcfg.finetune_lr_factor)
         rate = trainer.warmup_cosine(epochs * steps, int(tcfg.warmup_epochs * steps), peak)
@@ -182,7 +254,9 @@ def run_keras(args, workdir: str) -> dict:
     _, accuracy = model.evaluate(test_ds, verbose=0)
     end = time.perf_counter()
     return {"wall_s": end - start, "epoch_images_per_s": timer.rates, "test_accuracy": accuracy,
-            "before_training_s": timer.first - start, "after_training_s": end - timer.ended}
+            "before_training_s": timer.first - start, "after_training_s": end - timer.ended,
+            "cpu_shares": {"phase1": meter.shares(phase_starts[0], phase_starts[1], keras_group),
+                           "phase2": meter.shares(phase_starts[1], timer.ended - start, keras_group)}}
 
 
 def summary(run: dict, head_epochs: int) -> dict:
@@ -190,6 +264,7 @@ def summary(run: dict, head_epochs: int) -> dict:
     out = {"wall_s": round(run["wall_s"], 1), "test_accuracy": round(float(run["test_accuracy"]), 3),
            "epoch_images_per_s": [round(r, 1) for r in rates],
            **{key: round(run[key], 1) for key in ("before_training_s", "after_training_s")}}
+    out["cpu_shares"] = run["cpu_shares"]
     for key in ("epoch_input_wait", "epoch_seconds", "epoch_val_seconds"):  # artnet's own
         if key in run:
             out[key] = run[key]

@@ -82,11 +82,16 @@ def import_tensorflow():
 
 def init_ray() -> None:
     """Connect to Ray (RAY_ADDRESS, or a local instance) with worker output kept in Ray's log files unless
-    verbose."""
+    verbose. Unless verbose, Ray's start-up notices go to a log file too: the driver's C++ core worker announces
+    its log level on stderr, and a new local instance says that it turned on token authentication (Ray's
+    default, nothing to act on). Failures still surface as exceptions once the descriptor is restored."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(log_to_driver=_verbose, logging_level=logging.INFO if _verbose else logging.WARNING)
+        logging.getLogger("ray._private.authentication").setLevel(logging.INFO if _verbose else logging.ERROR)
+        with contextlib.nullcontext() if _verbose else _stderr_to_file(
+                os.path.join(tempfile.gettempdir(), "artnet-ray-init.log")):
+            ray.init(log_to_driver=_verbose, logging_level=logging.INFO if _verbose else logging.WARNING)
     import ray.data
 
     ray.data.DataContext.get_current().print_on_execution_start = _verbose

@@ -20,7 +20,7 @@ QUICK = {"train": ["--image-size", "64", "--head-epochs", "1", "--finetune-epoch
          "analyze": ["--image-size", "64", "--folds", "2", "--search-epochs", "3"]}
 # Lines that are Ray's, TensorFlow's or MLflow's internals: the console must not show them.
 INTERNALS = ("Execution plan", "RayTrainWorker", "Reporting training result", "Checkpoint successfully created",
-             "oneDNN", "cuda", "INFO mlflow", "Starting execution of Dataset")
+             "oneDNN", "cuda", "INFO mlflow", "Starting execution of Dataset", "Token authentication", "logging.cc")
 
 
 def readme_commands(section: str) -> list[str]:

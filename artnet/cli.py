@@ -142,6 +142,12 @@ def job_config(args: argparse.Namespace) -> JobConfig:
     return job
 
 
+def bad_counts(summary: dict) -> str:
+    """A bad-image tally's summary as a console phrase: "0", or "3 (corrupt 2, empty 1)"."""
+    reasons = ", ".join(f"{reason} {n}" for reason, n in sorted(summary["by_reason"].items()))
+    return f"{summary['total']} ({reasons})" if reasons else str(summary["total"])
+
+
 def print_result(result: dict) -> None:
     m = result["metrics"]
     nan = float("nan")
@@ -149,7 +155,7 @@ def print_result(result: dict) -> None:
           f"balanced accuracy {m.get('test_balanced_accuracy', nan):.3f}, macro-F1 {m.get('test_macro_f1', nan):.3f} "
           f"over {len(result['painters'])} painters")
     bad = result["bad_images"]
-    print(f"bad images skipped: {bad['total']} {bad['by_reason'] or ''}"
+    print(f"bad images skipped: {bad_counts(bad)}"
           + (f"; reads retried after storage faults: {bad['storage_retries']}" if bad["storage_retries"] else ""))
     print(f"checkpoints: {result['checkpoint']}")
     print(f"MLflow run {result['run_id']} in {result['tracking_uri']}")
@@ -202,8 +208,7 @@ def preview(manifest_dir: str, cfg: PipelineConfig, batches: int, grid_png: str 
             break
     elapsed = time.perf_counter() - start
     summary = ray.get(bad.summary.remote())
-    print(f"{seen} images in {elapsed:.1f}s ({seen / elapsed:.1f} images/s); skipped bad images: {summary['total']} "
-          f"{summary['by_reason'] or ''}")
+    print(f"{seen} images in {elapsed:.1f}s ({seen / elapsed:.1f} images/s); skipped bad images: {bad_counts(summary)}")
     if grid_png and first is not None:
         plots.image_grid(first["image"][:16], [painters[j] for j in first["label"][:16]], grid_png)
         print(f"augmented samples: {grid_png}")

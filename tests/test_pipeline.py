@@ -4,6 +4,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from artnet import cli
 from artnet.config import CatalogConfig, PipelineConfig
 from artnet.data import catalog, pipeline, storage
 from conftest import PAINTINGS, bad_files, odd_but_good_files, requires_paintings, write_folder_set
@@ -37,6 +38,8 @@ def test_local_folder_with_bad_and_odd_images(tmp_path, ray_local):
     summary = ray_local.get(bad.summary.remote())
     assert summary["total"] == len(bad_files())
     assert summary["by_reason"] == {"empty": 1, "not_an_image": 2, "corrupt": 2, "too_large": 1}
+    assert cli.bad_counts(summary) == "6 (corrupt 2, empty 1, not_an_image 2, too_large 1)"  # as the console says it
+    assert cli.bad_counts({"total": 0, "by_reason": {}}) == "0"
     assert sorted(uri.rsplit("/", 1)[1] for uri in summary["files"]) == sorted(bad_files())
     assert len(set(out["key"].tolist())) == good
 

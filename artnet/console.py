@@ -50,9 +50,15 @@ def is_verbose() -> bool:
     return _verbose
 
 
+def _start_up_log(name: str):
+    """Unless verbose, file descriptor 2 goes to `$TMPDIR/artnet-<name>.log` for a while: C++ start-up lines
+    (TensorFlow's, Ray's core worker's) bypass Python logging."""
+    return contextlib.nullcontext() if _verbose else _stderr_to_file(
+        os.path.join(tempfile.gettempdir(), f"artnet-{name}.log"))
+
+
 @contextlib.contextmanager
 def _stderr_to_file(path: str):
-    """Send file descriptor 2 to `path` for a while: TensorFlow's C++ start-up lines bypass Python logging."""
     sys.stderr.flush()
     saved = os.dup(2)
     target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
@@ -73,7 +79,7 @@ def import_tensorflow():
         import tensorflow as tf
 
         return tf
-    with _stderr_to_file(os.path.join(tempfile.gettempdir(), "artnet-tensorflow.log")):
+    with _start_up_log("tensorflow"):
         import tensorflow as tf
 
         tf.config.list_physical_devices("GPU")  # the CUDA probe logs once, here
@@ -89,8 +95,7 @@ def init_ray() -> None:
 
     if not ray.is_initialized():
         logging.getLogger("ray._private.authentication").setLevel(logging.INFO if _verbose else logging.ERROR)
-        with contextlib.nullcontext() if _verbose else _stderr_to_file(
-                os.path.join(tempfile.gettempdir(), "artnet-ray-init.log")):
+        with _start_up_log("ray-init"):
             ray.init(log_to_driver=_verbose, logging_level=logging.INFO if _verbose else logging.WARNING)
     import ray.data
 

@@ -113,8 +113,8 @@ class CpuMeter:
             last.update(seen)
         used: dict[str, float] = {}
         for pid, (seconds, cmd) in last.items():
-            start = before.get(pid, (0.0, cmd))[0]
-            used[group(pid, cmd)] = used.get(group(pid, cmd), 0.0) + max(0.0, seconds - start)
+            name = group(pid, cmd)
+            used[name] = used.get(name, 0.0) + max(0.0, seconds - before.get(pid, (0.0, cmd))[0])
         capacity = (inside[-1][0] - t0) * len(os.sched_getaffinity(0)) if inside else 1.0
         used["idle"] = max(0.0, capacity - sum(used.values()))
         return {name: round(seconds / capacity, 3) for name, seconds in sorted(used.items())}

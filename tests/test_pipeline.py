@@ -204,3 +204,15 @@ def test_decode_tasks_are_large_but_every_cpu_gets_several():
     assert pipeline.decode_block_rows(200, 128, 64) == 16, "not 1-image tasks on a large cluster"
     assert pipeline.decode_block_rows(40, 8, 4) == 8, "decode_batch stays the upper bound"
     assert pipeline.decode_block_rows(0, 128, 2) == 16
+
+
+
+
+def test_datasets_run_without_the_backpressure_that_spins_ray_datas_scheduler(tmp_path, ray_local):
+    """Ray Data's downstream-capacity backpressure makes the scheduling loop spin on finished decode tasks while
+    the trainer is slower than decode (measured in `bench/one_node.py`: most of a core in the coordinator for
+    the first seconds of every epoch). Every artnet dataset must run with it off; a pass still yields all rows."""
+    write_folder_set(tmp_path, PAINTERS)
+    ds = pipeline.build_dataset(manifest_of(str(tmp_path)), "train", CFG, train=True)
+    assert ds.context.downstream_capacity_backpressure_ratio is None
+    assert len(collect(ds)["key"]) == sum(PAINTERS.values())

@@ -1,13 +1,13 @@
-"""The phase-1 training step alone: artnet's custom step against Keras `fit`, on in-memory batches.
+"""The training step alone: artnet's custom step against Keras `fit`, on in-memory batches.
 
 Separates the step from the data path in the one-node comparison (`bench/one_node.py`): the same model
-(MobileNetV2, offline weights, the `mobilenet` preset's head, backbone frozen), the same batches (random, in
-memory), 2 cores. Sides: Keras `fit` on an in-memory tf.data; artnet's `trainer.make_train_step` in a plain
+(MobileNetV2, offline weights, the `mobilenet` preset's head; backbone frozen, or with `--phase 2` its top blocks
+unfrozen as in fine-tuning), the same batches (random, in memory), 2 cores. Sides: Keras `fit` on an in-memory tf.data; artnet's `trainer.make_train_step` in a plain
 process, with and without MultiWorkerMirroredStrategy; and the MWMS step inside a Ray Train worker (where Ray sets
 OMP_NUM_THREADS to the worker's CPUs). Each side in its own process, one warm-up, then `--steps` timed steps.
 
-    python bench/train_step.py [--steps 40]
-Writes bench/results/train_step.json.
+    python bench/train_step.py [--steps 40] [--phase 1|2]
+Writes bench/results/train_step.json (phase 1) or train_step_phase2.json.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ WEIGHTS = SHARED / "weights" / "mobilenet_v2_1.0_224_imagenet1001.weights.h5"
 SIZE, BATCH, CLASSES = 224, 32, 3
 
 
-def images_per_s(side: str, steps: int) -> float:
+def images_per_s(side: str, steps: int, phase: int) -> float:
     import keras
     import tensorflow as tf
 
@@ -42,8 +42,14 @@ def images_per_s(side: str, steps: int) -> float:
     rng = np.random.default_rng(0)
     x = rng.uniform(0, 255, (BATCH * 4, SIZE, SIZE, 3)).astype(np.float32)
     y = rng.integers(0, CLASSES, BATCH * 4).astype(np.int32)
+    def build():
+        model = classifier.build_classifier(spec, cfg, CLASSES, SIZE)
+        classifier.set_trainable_blocks(model, spec, presets.preset("mobilenet").train.unfreeze_blocks if phase == 2
+                                        else 0)
+        return model
+
     if side == "keras_fit":
-        model = classifier.build_classifier(spec, cfg, CLASSES, SIZE)  # backbone frozen: phase 1
+        model = build()
         model.compile(optimizer=keras.optimizers.Adam(1e-3),
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         data = tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH).repeat()
@@ -53,7 +59,7 @@ def images_per_s(side: str, steps: int) -> float:
         return steps * BATCH / (time.perf_counter() - start)
     strategy = tf.distribute.get_strategy() if side == "artnet_step" else tf.distribute.MultiWorkerMirroredStrategy()
     with strategy.scope():
-        model = classifier.build_classifier(spec, cfg, CLASSES, SIZE)
+        model = build()
     optimizer = trainer.make_optimizer(strategy, model, "float32", 1e-3)
     step = trainer.make_train_step(strategy, model, optimizer, BATCH)
     batches = [(tf.constant(x[i:i + BATCH]), tf.constant(y[i:i + BATCH])) for i in range(0, len(x), BATCH)]
@@ -66,14 +72,14 @@ def images_per_s(side: str, steps: int) -> float:
     return steps * BATCH / (time.perf_counter() - start)
 
 
-def in_ray_worker(steps: int) -> float:
+def in_ray_worker(steps: int, phase: int) -> float:
     """The MWMS step inside a one-worker Ray Train job on a local Ray instance of this machine's cores."""
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.tensorflow import TensorflowTrainer
 
     def loop(config):  # the worker is on this machine: it hands its figure back in a file
-        Path(config["out"]).write_text(json.dumps(images_per_s("artnet_step_mwms", config["steps"])))
+        Path(config["out"]).write_text(json.dumps(images_per_s("artnet_step_mwms", config["steps"], phase)))
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(log_to_driver=False)
@@ -91,24 +97,28 @@ SIDES = ("keras_fit", "artnet_step", "artnet_step_mwms", "artnet_step_mwms_in_ra
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--phase", type=int, choices=(1, 2), default=1)
     parser.add_argument("--side", choices=SIDES)
     args = parser.parse_args()
     if args.side:
-        run = in_ray_worker(args.steps) if args.side.endswith("in_ray_worker") else images_per_s(args.side, args.steps)
+        run = (in_ray_worker(args.steps, args.phase) if args.side.endswith("in_ray_worker")
+               else images_per_s(args.side, args.steps, args.phase))
         print(json.dumps(run))
         return
     if not WEIGHTS.is_file():
         sys.exit(f"needs the offline weights under {SHARED} (set ARTNET_SHARED)")
     results = {"command": "python bench/train_step.py " + " ".join(sys.argv[1:]), "cpu_cores": os.cpu_count(),
-               "image_size": SIZE, "batch": BATCH, "steps": args.steps, "images_per_s": {}}
+               "phase": args.phase, "image_size": SIZE, "batch": BATCH, "steps": args.steps, "images_per_s": {}}
     for side in SIDES:
-        out = subprocess.run([sys.executable, __file__, "--side", side, "--steps", str(args.steps)],
+        out = subprocess.run([sys.executable, __file__, "--side", side, "--steps", str(args.steps), "--phase",
+                              str(args.phase)],
                              capture_output=True, text=True, cwd=REPO)
         if out.returncode:
             sys.exit(f"{side} failed:\n{out.stderr[-3000:]}")
         results["images_per_s"][side] = round(json.loads(out.stdout.strip().splitlines()[-1]), 1)
         print(side, results["images_per_s"][side], flush=True)
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    path = RESULTS if args.phase == 1 else RESULTS.with_name("train_step_phase2.json")
+    path.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
 
 

@@ -2,9 +2,10 @@
 
 Separates the step from the data path in the one-node comparison (`bench/one_node.py`): the same model
 (MobileNetV2, offline weights, the `mobilenet` preset's head; backbone frozen, or with `--phase 2` its top blocks
-unfrozen as in fine-tuning), the same batches (random, in memory), 2 cores. Sides: Keras `fit` on an in-memory tf.data; artnet's `trainer.make_train_step` in a plain
-process, with and without MultiWorkerMirroredStrategy; and the MWMS step inside a Ray Train worker (where Ray sets
-OMP_NUM_THREADS to the worker's CPUs). Each side in its own process, one warm-up, then `--steps` timed steps.
+unfrozen as in fine-tuning), the same batches (random, in memory), 2 cores. Sides: Keras `fit` on an in-memory
+tf.data; artnet's `trainer.make_train_step` in a plain process, with and without MultiWorkerMirroredStrategy; and
+the MWMS step inside a Ray Train worker (where Ray sets OMP_NUM_THREADS to the worker's CPUs). Each side in its own
+process, one warm-up, then `--steps` timed steps.
 
     python bench/train_step.py [--steps 40] [--phase 1|2]
 Writes bench/results/train_step.json (phase 1) or train_step_phase2.json.
@@ -42,6 +43,7 @@ def images_per_s(side: str, steps: int, phase: int) -> float:
     rng = np.random.default_rng(0)
     x = rng.uniform(0, 255, (BATCH * 4, SIZE, SIZE, 3)).astype(np.float32)
     y = rng.integers(0, CLASSES, BATCH * 4).astype(np.int32)
+
     def build():
         model = classifier.build_classifier(spec, cfg, CLASSES, SIZE)
         classifier.set_trainable_blocks(model, spec, presets.preset("mobilenet").train.unfreeze_blocks if phase == 2

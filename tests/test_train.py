@@ -88,7 +88,7 @@ def test_two_workers_multi_worker_strategy_trains(small_catalog, tmp_path, ray_l
     mlflow.set_tracking_uri(result["tracking_uri"])
     model = mlflow.keras.load_model(result["model_uri"])
     manifest, painters = catalog.load(small_catalog)
-    whole, _ = trainer.evaluate(lambda x: model(x, training=False), pipeline.build_dataset(
+    whole, _, _ = trainer.evaluate(lambda x: model(x, training=False), pipeline.build_dataset(
         manifest, "val", job.data, train=False).iter_batches(batch_size=8, batch_format="numpy"), len(painters))
     assert whole["loss"] == pytest.approx(history("val_loss")[best], rel=1e-4)
     assert whole["images"] == history("val_images")[best] > 0, "every validation image counted exactly once"

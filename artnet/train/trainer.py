@@ -222,16 +222,12 @@ class Replay:
         self.batches = kept  # None (read again next time) when it did not fit
 
 
-def evaluate(predict, batches, num_classes: int, worker_sum=None) -> tuple[dict, np.ndarray]:
-    """Metrics and confusion matrix over an iterable of numpy batches. With `worker_sum` the batches are this
-    worker's share and the tallies are summed over all workers first (each of them must call it)."""
-    cm = np.zeros((num_classes, num_classes), np.int64)
-    top3, loss_sum = 0, 0.0
-    for batch in batches:
-        logits = predict(batch["image"].astype(np.float32)).numpy()
-        batch_cm, batch_top3, batch_loss = metrics.tally(batch["label"].astype(np.int64), logits, num_classes)
-        cm, top3, loss_sum = cm + batch_cm, top3 + batch_top3, loss_sum + batch_loss
-    return _summarize(cm, top3, loss_sum, worker_sum)
+def evaluate(predict, batches, num_classes: int, worker_sum=None) -> tuple[dict, np.ndarray, tuple]:
+    """Metrics, confusion matrix and (labels, logits) of an iterable of numpy batches. With `worker_sum` the
+    batches are this worker's share and the tallies are summed over all workers first (each of them must call
+    it). The logits are kept so that calibration can reuse the best epoch's instead of scoring validation again."""
+    labels, logits, _ = collect_logits(predict, batches, num_classes)
+    return (*_summarize(*metrics.tally(labels, logits, num_classes), worker_sum), (labels, logits))
 
 
 def _summarize(cm: np.ndarray, top3: int, loss_sum: float, worker_sum=None) -> tuple[dict, np.ndarray]:
@@ -384,6 +380,7 @@ def worker_loop(config: dict) -> None:
 
     total_epochs = tcfg.head_epochs + tcfg.finetune_epochs
     phase, optimizer, step_fn, warned = 0, None, None, False
+    best_val_scores = None  # (labels, logits) of this worker's validation share with the best weights
     while state.epoch < total_epochs:
         epoch = state.epoch
         if state.stopped_phase == schedule.phase_of(epoch, tcfg.head_epochs):  # early stop ended this phase
@@ -409,13 +406,13 @@ def worker_loop(config: dict) -> None:
         record = {"epoch": epoch + 1, "phase": phase, **_train_epoch(train_data, step_fn, optimizer, global_batch)}
         record["images_per_s_per_replica"] = record["images_per_s"] / replicas
         started = time.perf_counter()
-        val, _ = evaluate(predict, val_share, num_classes, worker_sum)
+        val, _, val_scores = evaluate(predict, val_share, num_classes, worker_sum)
         record.update({f"val_{k}": v for k, v in val.items()})  # val_images: each image counted once
         record["val_seconds"] = time.perf_counter() - started  # read, decode, score and sum this worker's share
         # Every rank keeps the best epoch's weights (the same global loss, the same choice): all of them score
         # their shares of the final splits with those weights; rank 0 checkpoints and logs them.
         if val["loss"] < state.best_val_loss:
-            state.best_val_loss, best_weights = val["loss"], model.get_weights()
+            state.best_val_loss, best_weights, best_val_scores = val["loss"], model.get_weights(), val_scores
         # The same global figures on every worker: the same decision, the same number of epochs for all.
         stopped = schedule.should_stop(state.phase_losses(phase) + [val["loss"]], tcfg.patience)
         state.history.append(record)
@@ -438,9 +435,11 @@ def worker_loop(config: dict) -> None:
     final = {"epoch": state.epoch, "done": True, "run_id": config["run_id"],
              **{k: v for k, v in (state.history[-1] if state.history else {}).items() if k.startswith("val_")}}
     started = time.perf_counter()
-    calibration, test, cm, examples = _calibrate_and_test(predict, val_share, split_batches(f"test_{rank}"),
+    if best_val_scores is None:  # no epoch trained here (a re-run, or a restart after the best one): score again
+        best_val_scores = collect_logits(predict, val_share, num_classes)[:2]
+    calibration, test, cm, examples = _calibrate_and_test(predict, best_val_scores, split_batches(f"test_{rank}"),
                                                           num_classes, tcfg.false_flag_rate, worker_sum)
-    test["seconds"] = time.perf_counter() - started  # validation again for calibration, then test
+    test["seconds"] = time.perf_counter() - started  # calibration on the best epoch's validation scores, then test
     final.update({f"test_{k}": v for k, v in test.items()})
     if rank == 0:
         run.flush(state.history)
@@ -458,13 +457,14 @@ def worker_loop(config: dict) -> None:
     _report(final, rank, model, values, best_weights, state, save_model=True)
 
 
-def _calibrate_and_test(predict, val_batches, test_batches, num_classes: int, false_flag_rate: float, worker_sum):
+def _calibrate_and_test(predict, val_scores: tuple, test_batches, num_classes: int, false_flag_rate: float,
+                        worker_sum):
     """Temperature and unknown-painter threshold fitted on validation; test scored once, with its ECE before and
     after scaling (test plays no part in the fit). Every worker scores its own share of both splits and the
     figures are summed over all of them (`calibration`'s `total`), so all get the whole splits' numbers."""
     from artnet.model import calibration as calib
 
-    val_labels, val_logits, _ = collect_logits(predict, val_batches, num_classes)
+    val_labels, val_logits = val_scores
     fitted = calib.calibrate(val_logits, val_labels, false_flag_rate, total=worker_sum)
     test_labels, test_logits, examples = collect_logits(predict, test_batches, num_classes, keep=EXPLAINED_EXAMPLES)
     test, cm = _summarize(*metrics.tally(test_labels, test_logits, num_classes), worker_sum)

@@ -154,22 +154,12 @@ class WorkerRun:
     exactly once however often workers restart, and training never waits for the tracking server."""
 
     def __init__(self, uri: str, run_id: str):
+        import mlflow
+
+        self.client = mlflow.MlflowClient(uri)
         self.uri, self.run_id = uri, run_id
         self.failure: Exception | None = None  # why the last delivery failed, until one succeeds
         self._delivery: threading.Thread | None = None
-        self._client, self._client_lock = None, threading.Lock()
-
-    @property
-    def client(self):
-        """Made on first use, by whichever thread gets there first: at a job's start that is `mirror`'s delivery
-        thread, so the worker does not wait for `import mlflow` and the store's set-up (~2 s before the first
-        step, profiled) before it trains."""
-        with self._client_lock:
-            if self._client is None:
-                import mlflow
-
-                self._client = mlflow.MlflowClient(self.uri)
-            return self._client
 
     def sync_epochs(self, history: list[dict]) -> None:
         """Log each epoch of `history` that the run does not hold yet (its `train_loss` steps say which)."""

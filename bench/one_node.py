@@ -12,9 +12,10 @@ step to its last, validation excluded), median and spread, artnet's input wait p
 wall time (TensorFlow's import included on both sides) split into before the first epoch, the epochs, and after
 the last one; the two sides alternate for `--rounds` rounds, and each ratio is given per round and as the median.
 Each round also times a null Ray Train job (start Ray, one worker that only imports TensorFlow, shut down): the
-part of artnet's fixed cost that any job on Ray Train pays, and the whole-job ratio without it. And each side's phases are split into who used the
-cores (`CpuMeter`: every process's CPU time from /proc, once a second): for artnet the training worker, the decode
-tasks, Ray Data's coordinator and Ray's other processes; for Keras its one process; the rest is idle.
+part of artnet's fixed cost that any job on Ray Train pays, and the whole-job ratio without it. And each side's
+phases are split into who used the cores (`CpuMeter`: every process's CPU time from /proc, once a second): for
+artnet the training worker, the decode tasks, Ray Data's coordinator and Ray's other processes; for Keras its one
+process; the rest is idle.
 
     python bench/one_node.py [--head-epochs 3] [--finetune-epochs 3] [--cpus 2] [--rounds 2] [--results PATH]
 Writes bench/results/one_node.json (or PATH).

@@ -9,5 +9,7 @@ COPY --chown=ray:users pyproject.toml README.md ./
 COPY --chown=ray:users artnet ./artnet
 COPY --chown=ray:users jobs ./jobs
 RUN pip install --no-cache-dir ".[search]"
+# artnet.console.NODE_ENV, for the raylet `ray start` runs on every node (decode workers kept between epochs)
+ENV RAY_idle_worker_killing_time_threshold_ms=60000
 
 CMD ["artnet", "--help"]

@@ -25,6 +25,14 @@ QUIET_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "mlflow", "alembic"
 
 _verbose = False
 
+# Raylet settings for a node artnet's jobs run on: set for a local instance the driver starts (unless the user
+# set them), and as ENV in the Dockerfile for cluster.yaml's nodes. Ray stops a worker process that has been idle
+# for 1 s once the node has more processes than CPUs, which a training job always has (its trainer and Ray
+# Train's and Ray Data's zero-CPU actors): each epoch's decode tasks then started in new processes, ~1 s (2 s on a
+# slower machine) of imports on the critical path of every epoch's first batch while a core idled. Kept a minute
+# (longer than an epoch's validation and checkpoint), the next pass's tasks reuse them.
+NODE_ENV = {"RAY_idle_worker_killing_time_threshold_ms": "60000"}
+
 
 def setup(verbose: bool = False) -> None:
     """Console logging for a CLI process: artnet's INFO lines as plain text, everyone else's from WARNING up."""
@@ -94,6 +102,8 @@ def init_ray() -> None:
     import ray
 
     if not ray.is_initialized():
+        for name, value in NODE_ENV.items():  # read by the raylet a local instance starts
+            os.environ.setdefault(name, value)
         logging.getLogger("ray._private.authentication").setLevel(logging.INFO if _verbose else logging.ERROR)
         with _start_up_log("ray-init"):
             ray.init(log_to_driver=_verbose, logging_level=logging.INFO if _verbose else logging.WARNING)

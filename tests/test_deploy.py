@@ -1,8 +1,12 @@
 """The cluster launcher config and the Dockerfile are checked offline with Ray's own validation code."""
 
 import copy
+import os
+import subprocess
+import sys
 import tomllib
 
+import pytest
 import yaml
 
 from conftest import REPO
@@ -30,6 +34,9 @@ def test_the_cluster_runs_the_image_the_dockerfile_builds_with_artnet_installed_
     text = (REPO / "Dockerfile").read_text()
     assert f"FROM rayproject/ray:{ray.__version__}-" in text
     assert "COPY --chown=ray:users artnet" in text and 'pip install --no-cache-dir ".[search]"' in text
+    from artnet.console import NODE_ENV
+
+    assert all(f"ENV {name}={value}\n" in text for name, value in NODE_ENV.items()), "every node's raylet settings"
     config = yaml.safe_load((REPO / "cluster.yaml").read_text())
     version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
     assert config["docker"]["image"].endswith(f"/artnet:{version}"), "the image `make image` builds and pushes"
@@ -38,3 +45,43 @@ def test_the_cluster_runs_the_image_the_dockerfile_builds_with_artnet_installed_
     # Training workers asked to take `trainer` (scaling.worker_resource) land on GPU nodes only.
     assert config["available_node_types"]["gpu_worker"]["resources"] == {"trainer": 1}
     assert all("trainer" not in t["resources"] for n, t in config["available_node_types"].items() if n != "gpu_worker")
+
+
+KEEP_WORKERS = """
+import os, time
+from pathlib import Path
+import ray
+from artnet import console
+
+console.init_ray()
+@ray.remote(num_cpus=0)
+class Helper:  # Ray Train's and Ray Data's zero-CPU actors
+    def pid(self): return os.getpid()
+@ray.remote(num_cpus=1)
+class Trainer:
+    def pid(self): return os.getpid()
+@ray.remote(num_cpus=1)
+def decode(): return os.getpid()
+actors = [Helper.remote() for _ in range(3)] + [Trainer.remote()]
+ray.get([a.pid.remote() for a in actors])
+ray.get(decode.remote())
+time.sleep(4)  # an epoch's validation and checkpoint
+ray.get(decode.remote())
+logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+print(sum("idle for a long time" in p.read_text(errors="replace") for p in logs.glob("python-core-worker-*.log")))
+"""
+
+
+@pytest.mark.cluster
+def test_a_local_ray_artnet_starts_keeps_idle_workers_between_epochs():
+    """With a trainer and Ray's helper actors on the node, Ray's default stops a worker process idle for 1 s (each
+    epoch's decode tasks then paid a new process); artnet's local instance keeps them through a 4-s gap. The
+    control arm runs Ray's default (a user's own setting wins over artnet's), so the check can fail."""
+    def idle_exits(**env) -> int:
+        out = subprocess.run([sys.executable, "-c", KEEP_WORKERS], capture_output=True, text=True, cwd=REPO,
+                             env={**os.environ, "RAY_AUTH_MODE": "disabled", **env}, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return int(out.stdout.split()[-1])
+
+    assert idle_exits() == 0
+    assert idle_exits(RAY_idle_worker_killing_time_threshold_ms="1000") >= 1

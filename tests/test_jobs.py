@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from artnet.console import NODE_ENV
 from artnet.data import demo_data, storage
 from conftest import REPO, free_port, start_mlflow_server
 
@@ -44,7 +45,7 @@ def cluster(tmp_path_factory, s3_endpoint):
     `ray start --address` (its own temp dir, and the only node with the custom resource `trainer`, so training
     workers asked to take one run there and nowhere else). Both inherit the S3 environment, as a cluster's
     nodes are given credentials and an endpoint."""
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{BIN}:{os.environ['PATH']}"}
+    env = {**os.environ, **NODE_ENV, "RAY_AUTH_MODE": "disabled", "PATH": f"{BIN}:{os.environ['PATH']}"}
     gcs, dashboard = f"127.0.0.1:{free_port()}", free_port()
     nodes = [start_node(env, tmp_path_factory.mktemp("ray-head"), "--head", f"--port={gcs.rsplit(':', 1)[1]}",
                         f"--dashboard-port={dashboard}", "--include-dashboard=true", "--num-cpus=2")]

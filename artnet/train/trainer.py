@@ -28,6 +28,7 @@ from artnet.data import storage
 from artnet.model import backbones
 from artnet.model import bundle
 from artnet.train import balance, schedule
+from artnet.train.passes import Passes, tf_dataset
 
 CHECKPOINT_STATE = "state.json"
 EXPLAINED_EXAMPLES = 12  # test paintings shown with their Grad-CAM maps in the MLflow run
@@ -93,23 +94,6 @@ def make_worker_sum(strategy):
         return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
 
     return lambda values: reduce(tf.constant(np.asarray(values, np.float64))).numpy()
-
-
-def _tf_dataset(shard, batch_size: int, size: int, mixing_rows: int = 0):
-    """A Ray dataset shard as tf.data of (float32 images, int32 labels); Ray already sharded it. With
-    `mixing_rows`, batches are drawn from that many rows (`pipeline.mixing_rows`)."""
-    import tensorflow as tf
-
-    ds = shard.to_tf(
-        feature_columns="image", label_columns="label", batch_size=batch_size, drop_last=True,
-        local_shuffle_buffer_size=mixing_rows or None,
-        feature_type_spec=tf.TensorSpec((None, size, size, 3), tf.uint8),
-        label_type_spec=tf.TensorSpec((None,), tf.int32),
-    )
-    ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), y))
-    options = tf.data.Options()
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
-    return ds.with_options(options)
 
 
 def make_train_step(strategy, model, optimizer, global_batch: int, label_smoothing: float = 0.0,
@@ -263,6 +247,25 @@ def _load_arrays(path: str) -> list[np.ndarray] | None:
 
 # ------------------------------------------------------------------------------------------ worker loop
 
+def _peek_state() -> TrainState:
+    """The latest checkpoint's training state alone (one small file, wherever the checkpoint is stored): what the
+    worker knows before it has a model to load the rest into."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if not checkpoint:
+        return TrainState()
+    with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{CHECKPOINT_STATE}") as f:
+        return TrainState(**json.loads(f.read()))
+
+
+def next_epoch(state: TrainState, head_epochs: int, total_epochs: int) -> int:
+    """The epoch the loop trains next (`total_epochs`: none): the rest of a phase early stopping ended is skipped."""
+    if state.epoch < total_epochs and state.stopped_phase == schedule.phase_of(state.epoch, head_epochs):
+        return head_epochs if state.epoch < head_epochs else total_epochs
+    return state.epoch
+
+
 def _restore(model) -> tuple[TrainState, list | None, list | None]:
     """(state, best weights, optimizer values) from Ray Train's latest checkpoint, or a fresh start."""
     import ray.train
@@ -347,6 +350,12 @@ def worker_loop(config: dict) -> None:
     progress = config.get("progress")  # the driver's console (rank 0 only speaks)
     rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
     num_classes, size, tcfg = len(painters), job.data.image_size, job.train
+    total_epochs = tcfg.head_epochs + tcfg.finetune_epochs
+    train_shard = ray.train.get_dataset_shard("train")
+    passes = Passes(lambda: train_shard.iter_batches(batch_size=tcfg.batch_size, batch_format="numpy", drop_last=True,
+                                                     local_shuffle_buffer_size=config["mixing_rows"] or None))
+    if next_epoch(_peek_state(), tcfg.head_epochs, total_epochs) < total_epochs:
+        passes.start_next()  # its first decode tasks run while the model is built
     policy = precision_policy(tcfg.precision, visible_gpus(job.scaling.use_gpu, rank))
     keras.mixed_precision.set_dtype_policy(policy)
     keras.utils.set_random_seed(tcfg.seed)
@@ -365,9 +374,7 @@ def worker_loop(config: dict) -> None:
     if rank == 0 and state.epoch:
         console.say(progress, f"resuming at epoch {state.epoch + 1}")
 
-    train_shard = ray.train.get_dataset_shard("train")
-    train_data = strategy.distribute_datasets_from_function(
-        lambda _: _tf_dataset(train_shard, tcfg.batch_size, size, config["mixing_rows"]))
+    train_data = strategy.distribute_datasets_from_function(lambda _: tf_dataset(passes, size))
     run = tracking.WorkerRun(config["tracking_uri"], config["run_id"]) if rank == 0 else None
     if run is not None:
         run.mirror(state.history)  # epochs a lost worker group checkpointed but never logged
@@ -378,14 +385,9 @@ def worker_loop(config: dict) -> None:
 
     val_share = Replay(lambda: split_batches(f"val_{rank}"), job.data.eval_cache_mb << 20)
 
-    total_epochs = tcfg.head_epochs + tcfg.finetune_epochs
     phase, optimizer, step_fn, warned = 0, None, None, False
     best_val_scores = None  # (labels, logits) of this worker's validation share with the best weights
-    while state.epoch < total_epochs:
-        epoch = state.epoch
-        if state.stopped_phase == schedule.phase_of(epoch, tcfg.head_epochs):  # early stop ended this phase
-            state.epoch = tcfg.head_epochs if epoch < tcfg.head_epochs else total_epochs
-            continue
+    while (epoch := next_epoch(state, tcfg.head_epochs, total_epochs)) < total_epochs:
         if schedule.phase_of(epoch, tcfg.head_epochs) != phase:
             phase = schedule.phase_of(epoch, tcfg.head_epochs)
             unfrozen = classifier.set_trainable_blocks(model, spec, tcfg.unfreeze_blocks if phase == 2 else 0)
@@ -419,6 +421,8 @@ def worker_loop(config: dict) -> None:
         state.epoch = epoch + 1
         if stopped:
             state.stopped_phase = phase
+        if next_epoch(state, tcfg.head_epochs, total_epochs) < total_epochs:
+            passes.start_next()  # its first decode tasks run while the checkpoint is saved
         if rank == 0:
             console.say(progress, _epoch_line(record, total_epochs, stopped))
         _report({**record, "done": False}, rank, model, [v.numpy() for v in optimizer.variables], best_weights, state)
@@ -431,6 +435,7 @@ def worker_loop(config: dict) -> None:
 
     if best_weights is not None:
         model.set_weights(best_weights)
+    state.epoch = max(state.epoch, epoch)  # past the phase early stopping ended
     # The last epoch's validation metrics again (a Tune scheduler reads its metric in every report) and the run.
     final = {"epoch": state.epoch, "done": True, "run_id": config["run_id"],
              **{k: v for k, v in (state.history[-1] if state.history else {}).items() if k.startswith("val_")}}

@@ -77,3 +77,31 @@ def test_an_error_while_starting_ahead_is_raised_where_the_epoch_reads():
 ])
 def test_next_epoch_skips_what_early_stopping_ended(epoch, stopped_phase, expected):
     assert next_epoch(TrainState(epoch=epoch, stopped_phase=stopped_phase), head_epochs=3, total_epochs=5) == expected
+
+
+def test_passes_started_ahead_on_two_splits_read_every_row_once_a_pass(ray_local):
+    """Two training workers' shards of one Ray dataset (`streaming_split`, as Ray Train deals them), each pass
+    started ahead as the worker loop does: every pass yields every row exactly once across the two, and the next
+    pass's rows are a new epoch of the same dataset."""
+    import ray
+
+    shards = ray.data.range(64, override_num_blocks=8).streaming_split(2, equal=True)
+    seen = [[], []]
+
+    def worker(rank: int) -> None:
+        passes = Passes(lambda: shards[rank].iter_batches(batch_size=4, batch_format="numpy", drop_last=True))
+        passes.start_next()
+        for _ in range(3):
+            ids = [int(i) for batch in passes.batches() for i in batch["id"]]
+            seen[rank].append(ids)
+            if len(seen[rank]) < 3:
+                passes.start_next()
+
+    threads = [threading.Thread(target=worker, args=(rank,)) for rank in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    for number in range(3):
+        first, second = seen[0][number], seen[1][number]
+        assert len(first) == len(second) == 32 and sorted(first + second) == list(range(64)), number

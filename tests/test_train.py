@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 import pytest
 
 from artnet import cli
@@ -81,13 +82,17 @@ def test_two_workers_multi_worker_strategy_trains(small_catalog, tmp_path, ray_l
     def history(name):
         return [m.value for m in sorted(client.get_metric_history(result["run_id"], name), key=lambda m: m.step)]
 
-    losses = history("train_loss")
-    assert len(losses) == 3 and losses[-1] < losses[0]
+    # Both workers train every epoch on equal shares of the readable training images (Ray's equal split, whole
+    # batches of 8 each). Whether 6 steps lower the loss is noise; learning itself is test_reliability's.
+    manifest, painters = catalog.load(small_catalog)
+    train_uris = manifest.filter(pc.equal(manifest["split"], "train"))["uri"].to_pylist()
+    readable = len(set(train_uris) - set(result["bad_images"]["files"]))
+    assert len(history("train_loss")) == 3 and all(np.isfinite(history("train_loss")))
+    assert history("train_images") == [2 * (readable // 2 // 8) * 8] * 3, readable
     assert client.get_run(result["run_id"]).data.params["scaling.num_workers"] == "2"
     best = int(np.argmin(history("val_loss")))
     mlflow.set_tracking_uri(result["tracking_uri"])
     model = mlflow.keras.load_model(result["model_uri"])
-    manifest, painters = catalog.load(small_catalog)
     whole, _, _ = trainer.evaluate(lambda x: model(x, training=False), pipeline.build_dataset(
         manifest, "val", job.data, train=False).iter_batches(batch_size=8, batch_format="numpy"), len(painters))
     assert whole["loss"] == pytest.approx(history("val_loss")[best], rel=1e-4)

@@ -312,7 +312,7 @@ def _train_epoch(train_data, step_fn, optimizer, global_batch: int) -> dict:
     seen, elapsed = steps * global_batch, time.perf_counter() - start
     _release_in_background(iterator)
     return {"train_loss": float(loss_sum) / max(steps, 1), "train_accuracy": float(correct) / max(seen, 1),
-            "lr": float(optimizer.learning_rate.numpy()), "images_per_s": seen / elapsed,
+            "lr": float(optimizer.learning_rate.numpy()), "train_images": seen, "images_per_s": seen / elapsed,
             "input_wait": waited / elapsed}
 
 

@@ -233,11 +233,6 @@ def _save_checkpoint(directory: str, model, optimizer_values: list | None, best_
         json.dump(state.__dict__, f)
 
 
-def _load_state(directory: str) -> TrainState:
-    with open(os.path.join(directory, CHECKPOINT_STATE)) as f:
-        return TrainState(**json.load(f))
-
-
 def _load_arrays(path: str) -> list[np.ndarray] | None:
     if not os.path.exists(path):
         return None
@@ -247,9 +242,9 @@ def _load_arrays(path: str) -> list[np.ndarray] | None:
 
 # ------------------------------------------------------------------------------------------ worker loop
 
-def _peek_state() -> TrainState:
-    """The latest checkpoint's training state alone (one small file, wherever the checkpoint is stored): what the
-    worker knows before it has a model to load the rest into."""
+def _load_state() -> TrainState:
+    """The latest checkpoint's training state, or a fresh start: one small file read wherever the checkpoint is
+    stored, so the worker knows it before it has a model to load the weights into (`_restore`)."""
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
@@ -266,17 +261,17 @@ def next_epoch(state: TrainState, head_epochs: int, total_epochs: int) -> int:
     return state.epoch
 
 
-def _restore(model) -> tuple[TrainState, list | None, list | None]:
-    """(state, best weights, optimizer values) from Ray Train's latest checkpoint, or a fresh start."""
+def _restore(model) -> tuple[list | None, list | None]:
+    """The model's weights, and (best weights, optimizer values), from Ray Train's latest checkpoint, or a fresh
+    start (its state: `_load_state`)."""
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
     if not checkpoint:
-        return TrainState(), None, None
+        return None, None
     with checkpoint.as_directory() as directory:
         model.load_weights(os.path.join(directory, "model.weights.h5"))
-        return (_load_state(directory), _load_arrays(os.path.join(directory, "best.npz")),
-                _load_arrays(os.path.join(directory, "optimizer.npz")))
+        return _load_arrays(os.path.join(directory, "best.npz")), _load_arrays(os.path.join(directory, "optimizer.npz"))
 
 
 def _report(metrics_: dict, rank: int, model, optimizer_values, best_weights, state: TrainState,
@@ -354,7 +349,8 @@ def worker_loop(config: dict) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     passes = Passes(lambda: train_shard.iter_batches(batch_size=tcfg.batch_size, batch_format="numpy", drop_last=True,
                                                      local_shuffle_buffer_size=config["mixing_rows"] or None))
-    if next_epoch(_peek_state(), tcfg.head_epochs, total_epochs) < total_epochs:
+    state = _load_state()
+    if next_epoch(state, tcfg.head_epochs, total_epochs) < total_epochs:
         passes.start_next()  # its first decode tasks run while the model is built
     policy = precision_policy(tcfg.precision, visible_gpus(job.scaling.use_gpu, rank))
     keras.mixed_precision.set_dtype_policy(policy)
@@ -369,7 +365,7 @@ def worker_loop(config: dict) -> None:
         model = classifier.build_classifier(spec, job.model, num_classes, size)
         if job.model.head_weights:  # a head trained on cached features (`artnet tune`): phase 1 is done
             classifier.load_head(model, job.model, num_classes, backbones.fetch_weights(job.model.head_weights))
-    state, best_weights, optimizer_values = _restore(model)
+    best_weights, optimizer_values = _restore(model)
     state.identity = config["identity"]
     if rank == 0 and state.epoch:
         console.say(progress, f"resuming at epoch {state.epoch + 1}")

@@ -136,7 +136,7 @@ def test_resuming_a_job_with_settings_its_checkpoints_do_not_fit_is_refused(tmp_
 
 @pytest.mark.long
 def test_a_tracking_server_away_mid_run_gets_every_epoch_once_when_it_returns(tmp_path, ray_local):
-    """The server stops after the first epoch reached it and comes back two checkpoints later: training never
+    """The server stops once the first epoch is checkpointed and comes back two checkpoints later: training never
     waited for it, and the run holds each epoch's metrics exactly once and ends FINISHED."""
     import mlflow
 
@@ -165,10 +165,11 @@ def test_a_tracking_server_away_mid_run_gets_every_epoch_once_when_it_returns(tm
 
     def outage():
         nonlocal server
-        client, deadline = mlflow.MlflowClient(uri), time.time() + 300
+        deadline = time.time() + 300
         while time.time() < deadline and not seen:
-            runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
-            if runs and client.get_metric_history(runs[0].info.run_id, "train_loss"):
+            # Once the first epoch is checkpointed: its metrics reach the server in the background, and how late
+            # is the machine's (on a loaded 2-core machine they came after the last of 8 epochs).
+            if checkpointed_epochs() >= 1:
                 server.terminate()
                 server.wait(timeout=30)
                 seen["stopped"] = checkpointed_epochs()

@@ -168,22 +168,22 @@ def run_artnet(args, workdir: str) -> dict:
 
 
 def run_null(args, workdir: str) -> dict:
-    """Ray's part of the fixed cost, with no artnet in it: start Ray as artnet does, run a one-worker
-    TensorflowTrainer whose loop only imports TensorFlow, shut down."""
+    """Ray's part of the fixed cost, with no artnet in it: start Ray as artnet does, run a one-worker Ray Train
+    job on artnet's TensorFlow backend (`artnet.train.backend`) whose loop only imports TensorFlow, shut down."""
     import ray
     from ray.train import RunConfig, ScalingConfig
-    from ray.train.tensorflow import TensorflowTrainer
 
     from artnet import console
+    from artnet.train.backend import tensorflow_trainer
 
     def loop(_config):
         import tensorflow  # noqa: F401  (the worker's own import, as artnet's worker pays it)
 
     start = time.perf_counter()
     console.init_ray()
-    TensorflowTrainer(loop, scaling_config=ScalingConfig(num_workers=1),
-                      run_config=RunConfig(name=f"null-{int(time.time())}",
-                                           storage_path=str(Path(workdir) / "ray_results"))).fit()
+    tensorflow_trainer(train_loop_per_worker=loop, scaling_config=ScalingConfig(num_workers=1),
+                       run_config=RunConfig(name=f"null-{int(time.time())}",
+                                            storage_path=str(Path(workdir) / "ray_results"))).fit()
     ray.shutdown()
     return {"wall_s": time.perf_counter() - start}
 

@@ -78,7 +78,8 @@ def in_ray_worker(steps: int, phase: int) -> float:
     """The MWMS step inside a one-worker Ray Train job on a local Ray instance of this machine's cores."""
     import ray
     from ray.train import RunConfig, ScalingConfig
-    from ray.train.tensorflow import TensorflowTrainer
+
+    from artnet.train.backend import tensorflow_trainer
 
     def loop(config):  # the worker is on this machine: it hands its figure back in a file
         Path(config["out"]).write_text(json.dumps(images_per_s("artnet_step_mwms", config["steps"], phase)))
@@ -87,9 +88,9 @@ def in_ray_worker(steps: int, phase: int) -> float:
     ray.init(log_to_driver=False)
     workdir = REPO / "work" / "bench_train_step"
     out = workdir / "in_ray_worker.json"
-    TensorflowTrainer(loop, train_loop_config={"steps": steps, "out": str(out)},
-                      scaling_config=ScalingConfig(num_workers=1),
-                      run_config=RunConfig(name=f"train-step-{int(time.time())}", storage_path=str(workdir))).fit()
+    tensorflow_trainer(train_loop_per_worker=loop, train_loop_config={"steps": steps, "out": str(out)},
+                       scaling_config=ScalingConfig(num_workers=1),
+                       run_config=RunConfig(name=f"train-step-{int(time.time())}", storage_path=str(workdir))).fit()
     return json.loads(out.read_text())
 
 

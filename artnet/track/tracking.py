@@ -154,12 +154,20 @@ class WorkerRun:
     exactly once however often workers restart, and training never waits for the tracking server."""
 
     def __init__(self, uri: str, run_id: str):
-        import mlflow
-
-        self.client = mlflow.MlflowClient(uri)
         self.uri, self.run_id = uri, run_id
         self.failure: Exception | None = None  # why the last delivery failed, until one succeeds
         self._delivery: threading.Thread | None = None
+        self._client = None
+
+    @property
+    def client(self):
+        """Made on first use, which is the first `mirror`'s thread: importing MLflow (~2 s of one core on the
+        2-core machine) then overlaps the model's first steps instead of delaying them."""
+        if self._client is None:
+            import mlflow
+
+            self._client = mlflow.MlflowClient(self.uri)
+        return self._client
 
     def sync_epochs(self, history: list[dict]) -> None:
         """Log each epoch of `history` that the run does not hold yet (its `train_loss` steps say which)."""

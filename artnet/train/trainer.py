@@ -332,14 +332,8 @@ def _epoch_line(record: dict, total_epochs: int, stopped: bool) -> str:
 def worker_loop(config: dict) -> None:
     """Ray Train's train_loop_per_worker. `config`: job (JobConfig), painters, train_rows, run_id, tracking_uri,
     progress (a `console.relay` actor or None)."""
-    import keras
     import ray.train
-    import tensorflow as tf
 
-    from artnet.model import classifier
-    from artnet.track import tracking
-
-    strategy = tf.distribute.MultiWorkerMirroredStrategy()  # before touching any dataset shard
     job: JobConfig = config["job"]
     painters: list[str] = config["painters"]
     progress = config.get("progress")  # the driver's console (rank 0 only speaks)
@@ -351,7 +345,15 @@ def worker_loop(config: dict) -> None:
                                                      local_shuffle_buffer_size=config["mixing_rows"] or None))
     state = _load_state()
     if next_epoch(state, tcfg.head_epochs, total_epochs) < total_epochs:
-        passes.start_next()  # its first decode tasks run while the model is built
+        passes.start_next()  # Ray Data's start and the first decode tasks run while TensorFlow loads, model builds
+
+    import keras
+    import tensorflow as tf
+
+    from artnet.model import classifier
+    from artnet.track import tracking
+
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()  # TensorFlow's first op: it sets up the collectives
     policy = precision_policy(tcfg.precision, visible_gpus(job.scaling.use_gpu, rank))
     keras.mixed_precision.set_dtype_policy(policy)
     keras.utils.set_random_seed(tcfg.seed)
@@ -373,7 +375,7 @@ def worker_loop(config: dict) -> None:
     train_data = strategy.distribute_datasets_from_function(lambda _: tf_dataset(passes, size))
     run = tracking.WorkerRun(config["tracking_uri"], config["run_id"]) if rank == 0 else None
     if run is not None:
-        run.mirror(state.history)  # epochs a lost worker group checkpointed but never logged
+        run.mirror(state.history)  # epochs a lost worker group checkpointed but never logged (and MLflow's import)
     worker_sum, predict = make_worker_sum(strategy), make_predict(model)
 
     def split_batches(split: str):
@@ -620,9 +622,11 @@ def fit(job: JobConfig, parent_run_id: str | None = None, callbacks: list | None
     from artnet.data import catalog, pipeline
     from artnet.track import tracking
 
-    console.import_tensorflow()
     from ray.train import DataConfig, ScalingConfig
-    from ray.train.tensorflow import TensorflowTrainer
+
+    from artnet.train.backend import tensorflow_trainer
+
+    console.import_tensorflow()  # `resolve` builds the backbone: its C++ start-up lines go to a log file
 
     job.validate()
     manifest, painters = catalog.load(job.catalog)
@@ -645,7 +649,7 @@ def fit(job: JobConfig, parent_run_id: str | None = None, callbacks: list | None
         datasets.update({f"{split}_{rank}": share for rank, share in enumerate(shares)})
     scaling = job.scaling
     with console.relay() as progress:
-        trainer = TensorflowTrainer(
+        trainer = tensorflow_trainer(
             train_loop_per_worker=worker_loop,
             train_loop_config={"job": job, "painters": painters, "train_rows": counts["train"], "run_id": run_id,
                                "identity": identity(job, painters),

@@ -1,0 +1,42 @@
+"""artnet's Ray Train backend for TensorFlow: what it gives each worker, and that the processes that never run
+TensorFlow (the driver until it checks the weights, Ray Train's controller) do not import it for Ray's sake.
+That the workers of one job really form one MultiWorkerMirroredStrategy is `test_train`'s two-worker test."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+from artnet.train import backend
+from conftest import REPO
+
+
+def test_each_worker_gets_every_address_and_its_own_index(monkeypatch):
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    addresses = ["10.0.0.1:4000", "10.0.0.2:4001", "[fd00::3]:4002"]
+    backend.set_tf_config(addresses, 2)
+    assert json.loads(os.environ["TF_CONFIG"]) == {"cluster": {"worker": addresses},
+                                                   "task": {"type": "worker", "index": 2}}
+
+
+def test_a_worker_address_names_a_port_that_can_be_bound(monkeypatch):
+    import ray.util
+
+    monkeypatch.setattr(ray.util, "get_node_ip_address", lambda: "127.0.0.1")
+    host, port = backend.worker_address().rsplit(":", 1)
+    assert host == "127.0.0.1"
+    with socket.socket() as server:  # what TensorFlow's gRPC server does with it
+        server.bind((host, int(port)))
+
+
+def test_the_trainer_and_its_backend_unpickle_without_tensorflow():
+    """What the controller process does with the trainer's backend config; and the driver's imports before
+    `resolve` builds the backbone."""
+    code = ("import pickle, sys\n"
+            "from artnet.train import backend, trainer\n"
+            "config = pickle.loads(pickle.dumps(backend.TensorflowBackendConfig()))\n"
+            "assert config.backend_cls.__name__ == '_TensorflowBackend' and config.framework.value == 'tensorflow'\n"
+            "print(sorted(m for m in ('tensorflow', 'keras') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -6,8 +6,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import threading
 import time
+import urllib.request
 
 import numpy as np
 import pytest
@@ -162,20 +164,28 @@ def test_a_tracking_server_away_mid_run_gets_every_epoch_once_when_it_returns(tm
                 pass
         return max(done)
 
+    def answers() -> bool:
+        try:
+            urllib.request.urlopen(f"{uri}/health", timeout=1)
+            return True
+        except OSError:
+            return False
+
     def outage():
         nonlocal server
         deadline = time.time() + 300
         # Ray Train's results folder appears when `fit` hands over to it: the run exists, the worker's start (10+ s)
-        # is ahead. A later trigger raced the tiny epochs: on a fast machine all 8 were checkpointed before the
-        # server had stopped, and none was trained while it was away.
+        # is ahead.
         while time.time() < deadline and not run_dir.exists():
             time.sleep(0.2)
-        server.terminate()
-        server.wait(timeout=30)
+        os.killpg(server.pid, signal.SIGTERM)  # the CLI and its uvicorn process
+        while time.time() < deadline and answers():  # counted from when the worker can no longer reach it: the
+            time.sleep(0.1)  # CLI process exited up to 30 s later, when the tiny epochs had all been checkpointed
         seen["stopped"] = checkpointed_epochs()
         while time.time() < deadline and checkpointed_epochs() < seen["stopped"] + 2:
             time.sleep(0.2)
         seen["restarted"] = checkpointed_epochs()
+        server.wait(timeout=30)
         server = start_mlflow_server(root, port)
 
     watcher = threading.Thread(target=outage, daemon=True)

@@ -230,7 +230,6 @@ def start_mlflow_server(root: Path, port: int, artifacts: str = ""):
     import subprocess
     import sys
     import time
-    import urllib.request
 
     server = subprocess.Popen(
         [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
@@ -238,14 +237,22 @@ def start_mlflow_server(root: Path, port: int, artifacts: str = ""):
          "--artifacts-destination", artifacts or str(root / "artifacts")],
         stdout=open(root / "server.log", "ab"), stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 120
-    while True:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-            return server
-        except OSError:
-            if server.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
-            time.sleep(0.5)
+    while not mlflow_answers(port):
+        if server.poll() is not None or time.time() > deadline:
+            raise RuntimeError(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
+        time.sleep(0.5)
+    return server
+
+
+def mlflow_answers(port: int) -> bool:
+    """Whether an MLflow server on loopback `port` answers its health check."""
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+        return True
+    except OSError:
+        return False
 
 
 @pytest.fixture(scope="session")

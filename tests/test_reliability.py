@@ -9,7 +9,6 @@ import shutil
 import signal
 import threading
 import time
-import urllib.request
 
 import numpy as np
 import pytest
@@ -143,7 +142,7 @@ def test_a_tracking_server_away_mid_run_gets_every_epoch_once_when_it_returns(tm
     FINISHED."""
     import mlflow
 
-    from conftest import free_port, start_mlflow_server
+    from conftest import free_port, mlflow_answers, start_mlflow_server
 
     root, port = tmp_path / "server", free_port()
     root.mkdir()
@@ -164,13 +163,6 @@ def test_a_tracking_server_away_mid_run_gets_every_epoch_once_when_it_returns(tm
                 pass
         return max(done)
 
-    def answers() -> bool:
-        try:
-            urllib.request.urlopen(f"{uri}/health", timeout=1)
-            return True
-        except OSError:
-            return False
-
     def outage():
         nonlocal server
         deadline = time.time() + 300
@@ -179,8 +171,8 @@ def test_a_tracking_server_away_mid_run_gets_every_epoch_once_when_it_returns(tm
         while time.time() < deadline and not run_dir.exists():
             time.sleep(0.2)
         os.killpg(server.pid, signal.SIGTERM)  # the CLI and its uvicorn process
-        while time.time() < deadline and answers():  # counted from when the worker can no longer reach it: the
-            time.sleep(0.1)  # CLI process exited up to 30 s later, when the tiny epochs had all been checkpointed
+        while time.time() < deadline and mlflow_answers(port):  # counted from when the worker can no longer reach
+            time.sleep(0.1)  # it: the CLI process exited up to 30 s later, when the tiny epochs were all checkpointed
         seen["stopped"] = checkpointed_epochs()
         while time.time() < deadline and checkpointed_epochs() < seen["stopped"] + 2:
             time.sleep(0.2)

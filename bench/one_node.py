@@ -169,12 +169,14 @@ def run_artnet(args, workdir: str) -> dict:
 
 def run_null(args, workdir: str) -> dict:
     """Ray's part of the fixed cost, with no artnet in it: start Ray as artnet does, run a one-worker Ray Train
-    job on artnet's TensorFlow backend (`artnet.train.backend`) whose loop only imports TensorFlow, shut down."""
+    job on artnet's TensorFlow backend (`artnet.train.backend`, its workers' environment) whose loop only imports
+    TensorFlow, shut down."""
     import ray
     from ray.train import RunConfig, ScalingConfig
 
     from artnet import console
     from artnet.train.backend import tensorflow_trainer
+    from artnet.train.trainer import worker_env
 
     def loop(_config):
         import tensorflow  # noqa: F401  (the worker's own import, as artnet's worker pays it)
@@ -183,7 +185,8 @@ def run_null(args, workdir: str) -> dict:
     console.init_ray()
     tensorflow_trainer(train_loop_per_worker=loop, scaling_config=ScalingConfig(num_workers=1),
                        run_config=RunConfig(name=f"null-{int(time.time())}",
-                                            storage_path=str(Path(workdir) / "ray_results"))).fit()
+                                            storage_path=str(Path(workdir) / "ray_results"),
+                                            worker_runtime_env={"env_vars": worker_env()})).fit()
     ray.shutdown()
     return {"wall_s": time.perf_counter() - start}
 

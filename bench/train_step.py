@@ -4,8 +4,8 @@ Separates the step from the data path in the one-node comparison (`bench/one_nod
 (MobileNetV2, offline weights, the `mobilenet` preset's head; backbone frozen, or with `--phase 2` its top blocks
 unfrozen as in fine-tuning), the same batches (random, in memory), 2 cores. Sides: Keras `fit` on an in-memory
 tf.data; artnet's `trainer.make_train_step` in a plain process, with and without MultiWorkerMirroredStrategy; and
-the MWMS step inside a Ray Train worker (where Ray sets OMP_NUM_THREADS to the worker's CPUs). Each side in its own
-process, one warm-up, then `--steps` timed steps.
+the MWMS step inside a Ray Train worker as artnet starts it (Ray sets OMP_NUM_THREADS to the worker's CPUs; artnet's
+run config sets its niceness). Each side in its own process, one warm-up, then `--steps` timed steps.
 
     python bench/train_step.py [--steps 40] [--phase 1|2]
 Writes bench/results/train_step.json (phase 1) or train_step_phase2.json.
@@ -80,6 +80,7 @@ def in_ray_worker(steps: int, phase: int) -> float:
     from ray.train import RunConfig, ScalingConfig
 
     from artnet.train.backend import tensorflow_trainer
+    from artnet.train.trainer import worker_env
 
     def loop(config):  # the worker is on this machine: it hands its figure back in a file
         Path(config["out"]).write_text(json.dumps(images_per_s("artnet_step_mwms", config["steps"], phase)))
@@ -90,7 +91,8 @@ def in_ray_worker(steps: int, phase: int) -> float:
     out = workdir / "in_ray_worker.json"
     tensorflow_trainer(train_loop_per_worker=loop, train_loop_config={"steps": steps, "out": str(out)},
                        scaling_config=ScalingConfig(num_workers=1),
-                       run_config=RunConfig(name=f"train-step-{int(time.time())}", storage_path=str(workdir))).fit()
+                       run_config=RunConfig(name=f"train-step-{int(time.time())}", storage_path=str(workdir),
+                                            worker_runtime_env={"env_vars": worker_env()})).fit()
     return json.loads(out.read_text())
 
 

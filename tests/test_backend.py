@@ -7,8 +7,12 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
-from artnet.train import backend
+import pytest
+
+from artnet.config import JobConfig
+from artnet.train import backend, trainer
 from conftest import REPO
 
 
@@ -40,3 +44,30 @@ def test_the_trainer_and_its_backend_unpickle_without_tensorflow():
             "print(sorted(m for m in ('tensorflow', 'keras') if m in sys.modules))\n")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.slow
+def test_training_workers_run_at_niceness_0_while_rays_other_workers_stay_at_15(ray_local, tmp_path, monkeypatch):
+    """With Ray's default (15) the step's threads yield the CPU to every Ray daemon at once: artnet's run config
+    starts its training workers at 0, and leaves decode tasks (and every other Ray worker) where Ray puts them."""
+    monkeypatch.delenv(trainer.NICENESS_ENV, raising=False)
+
+    def report_niceness(config):  # the worker runs on this machine
+        Path(config["out"]).write_text(str(os.nice(0)))
+
+    out = tmp_path / "niceness"
+    backend.tensorflow_trainer(train_loop_per_worker=report_niceness, train_loop_config={"out": str(out)},
+                               run_config=trainer._run_config(JobConfig(name="niceness", workdir=str(tmp_path)))).fit()
+    assert out.read_text() == "0"
+
+    @ray_local.remote
+    def decode_task_niceness():
+        return os.nice(0)
+
+    assert ray_local.get(decode_task_niceness.remote()) == 15  # Ray's default: the control
+
+
+def test_a_niceness_the_user_set_wins(monkeypatch):
+    monkeypatch.setenv(trainer.NICENESS_ENV, "5")
+    env = trainer._run_config(JobConfig()).worker_runtime_env["env_vars"]
+    assert env[trainer.NICENESS_ENV] == "5"

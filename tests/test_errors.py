@@ -46,14 +46,15 @@ def test_user_error_from_a_ray_data_task_is_found_intact(ray_local):
 @pytest.mark.slow
 def test_user_error_from_a_ray_train_worker_is_found_intact(ray_local, tmp_path):
     from ray.train import RunConfig, ScalingConfig
-    from ray.train.tensorflow import TensorflowTrainer
+
+    from artnet.train.backend import tensorflow_trainer
 
     def worker_raises(config):
         raise UserError(config["uri"], "access denied", "check the credentials")
 
-    trainer = TensorflowTrainer(worker_raises, train_loop_config={"uri": "s3://b/k"},
-                                scaling_config=ScalingConfig(num_workers=1),
-                                run_config=RunConfig(name="raises", storage_path=str(tmp_path)))
+    trainer = tensorflow_trainer(train_loop_per_worker=worker_raises, train_loop_config={"uri": "s3://b/k"},
+                                 scaling_config=ScalingConfig(num_workers=1),
+                                 run_config=RunConfig(name="raises", storage_path=str(tmp_path)))
     with pytest.raises(Exception) as caught:
         trainer.fit()
     found = find_user_error(caught.value)

@@ -38,8 +38,9 @@ EXPLAINED_EXAMPLES = 12  # test paintings shown with their Grad-CAM maps in the 
 # set in the environment wins.
 HEALTH_CHECK_ENV, HEALTH_CHECK_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"
 # Ray starts every worker process at niceness 15 (its raylet, GCS and agents, and the driver, run at 0), so the
-# training worker yields the CPU to any of them at once: a preempted thread stalls the step's whole thread pool.
-# The in-memory step in a Ray Train worker on 2 cores, alternating runs: 44-61 images/s at 15, 63-72 at 0.
+# training worker yields the CPU to any of them at once (and the step's other threads wait for a preempted one).
+# On 2 cores, alternating runs: the in-memory step in a Ray Train worker 44-61 images/s at 15, 63-72 at 0; a
+# whole job's phases +6-10% (README, "One machine").
 # Training workers run at 0, as Ray's job supervisor runs a submitted job's driver; decode tasks stay at Ray's
 # default, so they yield to the step they feed. A value the user set in the environment wins.
 NICENESS_ENV, TRAINING_NICENESS = "RAY_worker_niceness", "0"

@@ -61,10 +61,10 @@ def test_training_workers_run_at_niceness_0_while_rays_other_workers_stay_at_15(
     assert out.read_text() == "0"
 
     @ray_local.remote
-    def decode_task_niceness():
+    def task_niceness():  # what a decode task gets
         return os.nice(0)
 
-    assert ray_local.get(decode_task_niceness.remote()) == 15  # Ray's default: the control
+    assert ray_local.get(task_niceness.remote()) == 15  # Ray's default: the control
 
 
 def test_a_niceness_the_user_set_wins(monkeypatch):

@@ -42,7 +42,8 @@ HEALTH_CHECK_ENV, HEALTH_CHECK_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"
 # On 2 cores, alternating runs: the in-memory step in a Ray Train worker 44-61 images/s at 15, 63-72 at 0; a
 # whole job's phases +6-10% (README, "One machine").
 # Training workers run at 0, as Ray's job supervisor runs a submitted job's driver; decode tasks stay at Ray's
-# default, so they yield to the step they feed. A value the user set in the environment wins.
+# default, so they yield to the step they feed (and Ray's reason for 15, a flood of tasks starving its GCS and
+# raylet, ray-project/ray#24928, holds for them). A value the user set in the environment wins.
 NICENESS_ENV, TRAINING_NICENESS = "RAY_worker_niceness", "0"
 
 

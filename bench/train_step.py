@@ -4,8 +4,10 @@ Separates the step from the data path in the one-node comparison (`bench/one_nod
 (MobileNetV2, offline weights, the `mobilenet` preset's head; backbone frozen, or with `--phase 2` its top blocks
 unfrozen as in fine-tuning), the same batches (random, in memory), 2 cores. Sides: Keras `fit` on an in-memory
 tf.data; artnet's `trainer.make_train_step` in a plain process, with and without MultiWorkerMirroredStrategy; and
-the MWMS step inside a Ray Train worker as artnet starts it (Ray sets OMP_NUM_THREADS to the worker's CPUs; artnet's
-run config sets its niceness). Each side in its own process, one warm-up, then `--steps` timed steps.
+two of them again inside a one-worker Ray Train job as artnet starts it (Ray sets OMP_NUM_THREADS to the worker's
+CPUs; artnet's run config sets its niceness): artnet's MWMS step, and Keras `fit` itself, whose ratio to plain
+Keras is what being on Ray costs any training loop on this machine. Each side in its own process, one warm-up,
+then `--steps` timed steps.
 
     python bench/train_step.py [--steps 40] [--phase 1|2]
 Writes bench/results/train_step.json (phase 1) or train_step_phase2.json.
@@ -74,19 +76,19 @@ def images_per_s(side: str, steps: int, phase: int) -> float:
     return steps * BATCH / (time.perf_counter() - start)
 
 
-def in_ray_worker(steps: int, phase: int) -> float:
-    """The MWMS step inside a one-worker Ray Train job on a local Ray instance of this machine's cores."""
-    import ray
+def in_ray_worker(side: str, steps: int, phase: int) -> float:
+    """`side` inside a one-worker Ray Train job on a local Ray instance of this machine's cores, started as
+    artnet starts its own (`console.init_ray`, artnet's backend, the training workers' environment)."""
     from ray.train import RunConfig, ScalingConfig
 
+    from artnet import console
     from artnet.train.backend import tensorflow_trainer
     from artnet.train.trainer import worker_env
 
     def loop(config):  # the worker is on this machine: it hands its figure back in a file
-        Path(config["out"]).write_text(json.dumps(images_per_s("artnet_step_mwms", config["steps"], phase)))
+        Path(config["out"]).write_text(json.dumps(images_per_s(side, config["steps"], phase)))
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(log_to_driver=False)
+    console.init_ray()
     workdir = REPO / "work" / "bench_train_step"
     out = workdir / "in_ray_worker.json"
     tensorflow_trainer(train_loop_per_worker=loop, train_loop_config={"steps": steps, "out": str(out)},
@@ -96,7 +98,8 @@ def in_ray_worker(steps: int, phase: int) -> float:
     return json.loads(out.read_text())
 
 
-SIDES = ("keras_fit", "artnet_step", "artnet_step_mwms", "artnet_step_mwms_in_ray_worker")
+IN_RAY_WORKER = "_in_ray_worker"
+SIDES = ("keras_fit", "artnet_step", "artnet_step_mwms", "artnet_step_mwms" + IN_RAY_WORKER, "keras_fit" + IN_RAY_WORKER)
 
 
 def main() -> None:
@@ -106,8 +109,8 @@ def main() -> None:
     parser.add_argument("--side", choices=SIDES)
     args = parser.parse_args()
     if args.side:
-        run = (in_ray_worker(args.steps, args.phase) if args.side.endswith("in_ray_worker")
-               else images_per_s(args.side, args.steps, args.phase))
+        run = (in_ray_worker(args.side.removesuffix(IN_RAY_WORKER), args.steps, args.phase)
+               if args.side.endswith(IN_RAY_WORKER) else images_per_s(args.side, args.steps, args.phase))
         print(json.dumps(run))
         return
     if not WEIGHTS.is_file():

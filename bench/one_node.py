@@ -10,9 +10,12 @@ the machine, its own augmentation, evaluation, calibration and MLflow logging.
 Reported: training images/s per epoch and phase (each side times its own training loop: from the epoch's first
 step to its last, validation excluded), median and spread, artnet's input wait per epoch, and the whole job's
 wall time (TensorFlow's import included on both sides) split into before the first epoch, the epochs, and after
-the last one; the two sides alternate for `--rounds` rounds, and each ratio is given per round and as the median.
-Each round also times a null Ray Train job (start Ray, one worker that only imports TensorFlow, shut down): the
-part of artnet's fixed cost that any job on Ray Train pays, and the whole-job ratio without it. And each side's
+the last one; the sides alternate for `--rounds` rounds, and each ratio is given per round and as the median.
+A third side runs the same Keras script as the loop of a one-worker Ray Train job (`keras_on_ray_train`): what
+being on Ray Train costs any training loop on this machine (Ray's start, its actors, the cores its processes take
+while the loop trains), so that artnet's ratios against it are artnet's own. Each round also times a null Ray
+Train job (start Ray, one worker that only imports TensorFlow, shut down): the fixed part of that cost alone, and
+the whole-job ratio without it. And each side's
 phases are split into who used the cores (`CpuMeter`: every process's CPU time from /proc, once a second): for
 artnet the training worker, the decode tasks, Ray Data's coordinator and Ray's other processes; for Keras its one
 process; the rest is idle.
@@ -167,33 +170,40 @@ def run_artnet(args, workdir: str) -> dict:
             "test_accuracy": result["metrics"].get("test_accuracy"), **stages}
 
 
-def run_null(args, workdir: str) -> dict:
-    """Ray's part of the fixed cost, with no artnet in it: start Ray as artnet does, run a one-worker Ray Train
-    job on artnet's TensorFlow backend (`artnet.train.backend`, its workers' environment) whose loop only imports
-    TensorFlow, shut down."""
-    import ray
+def one_worker_job(loop, config: dict, name: str, workdir: str) -> None:
+    """`loop` as a one-worker Ray Train job started as artnet starts its own: Ray on the machine
+    (`console.init_ray`), artnet's TensorFlow backend (`artnet.train.backend`), the training workers' environment."""
     from ray.train import RunConfig, ScalingConfig
 
     from artnet import console
     from artnet.train.backend import tensorflow_trainer
     from artnet.train.trainer import worker_env
 
+    console.init_ray()
+    tensorflow_trainer(train_loop_per_worker=loop, train_loop_config=config, scaling_config=ScalingConfig(num_workers=1),
+                       run_config=RunConfig(name=f"{name}-{int(time.time())}",
+                                            storage_path=str(Path(workdir) / "ray_results"),
+                                            worker_runtime_env={"env_vars": worker_env()})).fit()
+
+
+def run_null(args, workdir: str) -> dict:
+    """Ray's part of the fixed cost, with no artnet in it: start Ray, run a one-worker Ray Train job whose loop
+    only imports TensorFlow, shut down."""
+    import ray
+
     def loop(_config):
         import tensorflow  # noqa: F401  (the worker's own import, as artnet's worker pays it)
 
     start = time.perf_counter()
-    console.init_ray()
-    tensorflow_trainer(train_loop_per_worker=loop, scaling_config=ScalingConfig(num_workers=1),
-                       run_config=RunConfig(name=f"null-{int(time.time())}",
-                                            storage_path=str(Path(workdir) / "ray_results"),
-                                            worker_runtime_env={"env_vars": worker_env()})).fit()
+    one_worker_job(loop, {}, "null", workdir)
     ray.shutdown()
     return {"wall_s": time.perf_counter() - start}
 
 
-def run_keras(args, workdir: str) -> dict:
-    start = time.perf_counter()  # a user's script pays for importing TensorFlow too, as artnet's job does
-    meter = CpuMeter(start)
+def keras_training(args, workdir: str, start: float) -> dict:
+    """What a user writes instead of artnet. Times are seconds since `start` on the machine's monotonic clock
+    (`perf_counter`), so a Ray Train worker's times compare with its driver's. A user's script pays for importing
+    TensorFlow too, as artnet's job does."""
     import keras
     import tensorflow as tf
 
@@ -256,11 +266,38 @@ def run_keras(args, workdir: str) -> dict:
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         model.fit(train_ds, validation_data=val_ds, epochs=epochs, callbacks=[timer], verbose=0)
     _, accuracy = model.evaluate(test_ds, verbose=0)
-    end = time.perf_counter()
-    return {"wall_s": end - start, "epoch_images_per_s": timer.rates, "test_accuracy": accuracy,
-            "before_training_s": timer.first - start, "after_training_s": end - timer.ended,
-            "cpu_shares": {"phase1": meter.shares(phase_starts[0], phase_starts[1], keras_group),
-                           "phase2": meter.shares(phase_starts[1], timer.ended - start, keras_group)}}
+    return {"epoch_images_per_s": timer.rates, "test_accuracy": float(accuracy), "first_epoch_s": timer.first - start,
+            "phase_starts": phase_starts, "last_epoch_end_s": timer.ended - start}
+
+
+def keras_result(run: dict, wall: float, meter: CpuMeter, group) -> dict:
+    phase_starts, ended = run["phase_starts"], run["last_epoch_end_s"]
+    return {"wall_s": wall, "epoch_images_per_s": run["epoch_images_per_s"], "test_accuracy": run["test_accuracy"],
+            "before_training_s": run["first_epoch_s"], "after_training_s": wall - ended,
+            "cpu_shares": {"phase1": meter.shares(phase_starts[0], phase_starts[1], group),
+                           "phase2": meter.shares(phase_starts[1], ended, group)}}
+
+
+def run_keras(args, workdir: str) -> dict:
+    start = time.perf_counter()
+    meter = CpuMeter(start)
+    run = keras_training(args, workdir, start)
+    return keras_result(run, time.perf_counter() - start, meter, keras_group)
+
+
+def run_keras_on_ray_train(args, workdir: str) -> dict:
+    """The same Keras script as the loop of a one-worker Ray Train job, started as artnet starts its own (Ray on
+    the machine, artnet's TensorFlow backend, the training workers' environment): what being on Ray Train costs
+    any training loop here, the fixed start and the cores Ray's processes take while it trains. Against it,
+    artnet's ratios are artnet's own."""
+    start = time.perf_counter()
+    meter, out = CpuMeter(start), Path(workdir) / "keras_on_ray_train.json"
+
+    def loop(config):  # the worker is on this machine: it hands its result back in a file
+        Path(config["out"]).write_text(json.dumps(keras_training(args, workdir, config["start"])))
+
+    one_worker_job(loop, {"out": str(out), "start": start}, "keras", workdir)
+    return keras_result(json.loads(out.read_text()), time.perf_counter() - start, meter, artnet_group)
 
 
 def summary(run: dict, head_epochs: int) -> dict:
@@ -295,6 +332,7 @@ def main() -> None:
     parser.add_argument("--workdir", default=str(REPO / "work" / "bench_one_node"))
     parser.add_argument("--worker", choices=tuple(SIDES))
     args = parser.parse_args()
+    args.workdir = str(Path(args.workdir).resolve())  # Ray Train workers run in a directory of their own
     if args.worker:
         print(json.dumps(SIDES[args.worker](args, args.workdir)))
         return
@@ -315,20 +353,23 @@ def main() -> None:
             sys.exit(f"{side} failed:\n{out.stderr[-3000:]}")
         return json.loads(out.stdout.strip().splitlines()[-1])
 
-    for _ in range(args.rounds):  # alternating sides, so a machine that drifts moves both alike
+    for _ in range(args.rounds):  # alternating sides, so a machine that drifts moves all alike
         row = {}
-        for side in ("keras", "artnet"):
+        for side in ("keras", "keras_on_ray_train", "artnet"):
             row[side] = summary(side_run(side), args.head_epochs)
             print(side, row[side], flush=True)
         row["null_ray_train_wall_s"] = round(side_run("null")["wall_s"], 1)
         print("null Ray Train job", row["null_ray_train_wall_s"], "s", flush=True)
-        for phase in (1, 2):
-            row[f"phase{phase}_ratio"] = round(row["artnet"][f"phase{phase}_median"]
-                                               / row["keras"][f"phase{phase}_median"], 2)
-        row["wall_ratio"] = round(row["artnet"]["wall_s"] / row["keras"]["wall_s"], 2)
+        for against, suffix in (("keras", ""), ("keras_on_ray_train", "_vs_keras_on_ray_train")):
+            for phase in (1, 2):
+                row[f"phase{phase}_ratio{suffix}"] = round(row["artnet"][f"phase{phase}_median"]
+                                                           / row[against][f"phase{phase}_median"], 2)
+            row[f"wall_ratio{suffix}"] = round(row["artnet"]["wall_s"] / row[against]["wall_s"], 2)
         row["wall_ratio_net_of_null_job"] = net_wall_ratio(row)
         results["rounds"].append(row)
-    for key in ("phase1_ratio", "phase2_ratio", "wall_ratio", "wall_ratio_net_of_null_job"):
+    for key in ("phase1_ratio", "phase2_ratio", "wall_ratio", "wall_ratio_net_of_null_job",
+                "phase1_ratio_vs_keras_on_ray_train", "phase2_ratio_vs_keras_on_ray_train",
+                "wall_ratio_vs_keras_on_ray_train"):
         values = [row[key] for row in results["rounds"]]
         results[key] = {"median": round(float(np.median(values)), 2), "min": min(values), "max": max(values)}
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)
@@ -336,7 +377,7 @@ def main() -> None:
     print(json.dumps({k: v for k, v in results.items() if k != "rounds"}, indent=2))
 
 
-SIDES = {"artnet": run_artnet, "keras": run_keras, "null": run_null}
+SIDES = {"artnet": run_artnet, "keras": run_keras, "keras_on_ray_train": run_keras_on_ray_train, "null": run_null}
 
 if __name__ == "__main__":
     main()

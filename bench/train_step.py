@@ -77,24 +77,15 @@ def images_per_s(side: str, steps: int, phase: int) -> float:
 
 
 def in_ray_worker(side: str, steps: int, phase: int) -> float:
-    """`side` inside a one-worker Ray Train job on a local Ray instance of this machine's cores, started as
-    artnet starts its own (`console.init_ray`, artnet's backend, the training workers' environment)."""
-    from ray.train import RunConfig, ScalingConfig
-
-    from artnet import console
-    from artnet.train.backend import tensorflow_trainer
-    from artnet.train.trainer import worker_env
+    """`side` inside a one-worker Ray Train job started as artnet starts its own (`one_node.one_worker_job`)."""
+    from one_node import one_worker_job  # bench/ is this script's directory
 
     def loop(config):  # the worker is on this machine: it hands its figure back in a file
         Path(config["out"]).write_text(json.dumps(images_per_s(side, config["steps"], phase)))
 
-    console.init_ray()
     workdir = REPO / "work" / "bench_train_step"
     out = workdir / "in_ray_worker.json"
-    tensorflow_trainer(train_loop_per_worker=loop, train_loop_config={"steps": steps, "out": str(out)},
-                       scaling_config=ScalingConfig(num_workers=1),
-                       run_config=RunConfig(name=f"train-step-{int(time.time())}", storage_path=str(workdir),
-                                            worker_runtime_env={"env_vars": worker_env()})).fit()
+    one_worker_job(loop, {"steps": steps, "out": str(out)}, "train-step", str(workdir))
     return json.loads(out.read_text())
 
 

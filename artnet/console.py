@@ -16,8 +16,10 @@ import os
 import sys
 import tempfile
 import threading
+from typing import Callable, TypeVar
 
 log = logging.getLogger("artnet")
+T = TypeVar("T")
 
 # Libraries whose INFO lines are internals, not results.
 QUIET_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "mlflow", "alembic", "absl", "tensorflow", "h5py",
@@ -94,23 +96,54 @@ def import_tensorflow():
     return tf
 
 
-def init_ray() -> None:
+def init_ray(meanwhile: Callable[[], T] | None = None) -> T | None:
     """Connect to Ray (RAY_ADDRESS, or a local instance) with worker output kept in Ray's log files unless
     verbose. Unless verbose, Ray's start-up notices go to a log file too: the driver's C++ core worker announces
     its log level on stderr, and a new local instance says that it turned on token authentication (Ray's
-    default, nothing to act on). Failures still surface as exceptions once the descriptor is restored."""
+    default, nothing to act on). Failures still surface as exceptions once the descriptor is restored.
+
+    `meanwhile` (the driver's own checks: TensorFlow's import, the weights) runs on a thread while Ray starts,
+    which waits on its new processes more than it computes; its result is returned. If it fails, a Ray instance
+    this call started is shut down and its error raised: a bad config still fails before any job reaches Ray."""
     import ray
 
-    if not ray.is_initialized():
+    side = _Side(meanwhile)
+    started = not ray.is_initialized()
+    if started:
         for name, value in NODE_ENV.items():  # read by the raylet a local instance starts
             os.environ.setdefault(name, value)
         logging.getLogger("ray._private.authentication").setLevel(logging.INFO if _verbose else logging.ERROR)
         with _start_up_log("ray-init"):
-            ray.init(log_to_driver=_verbose, logging_level=logging.INFO if _verbose else logging.WARNING)
+            side.start()  # inside the redirect and joined before it ends: the descriptor's changes nest
+            try:
+                ray.init(log_to_driver=_verbose, logging_level=logging.INFO if _verbose else logging.WARNING)
+            finally:
+                side.join()
+    else:
+        side.run()
     import ray.data
 
     ray.data.DataContext.get_current().print_on_execution_start = _verbose
     logging.getLogger("ray.data").setLevel(logging.INFO if _verbose else logging.WARNING)
+    if side.error is not None:
+        if started:
+            ray.shutdown()
+        raise side.error
+    return side.result
+
+
+class _Side(threading.Thread):
+    """`work` on a thread, its result or error kept for the thread that joins it."""
+
+    def __init__(self, work: Callable[[], T] | None):
+        super().__init__(name="artnet-meanwhile", daemon=True)
+        self.work, self.result, self.error = work, None, None
+
+    def run(self) -> None:
+        try:
+            self.result = self.work() if self.work is not None else None
+        except BaseException as e:  # raised by the caller's thread, after Ray's start
+            self.error = e
 
 
 def alive_nodes() -> int:

@@ -85,3 +85,43 @@ def test_a_local_ray_artnet_starts_keeps_idle_workers_between_epochs():
 
     assert idle_exits() == 0
     assert idle_exits(RAY_idle_worker_killing_time_threshold_ms="1000") >= 1
+
+
+OVERLAPPED_CHECK = """
+import os, threading, ray
+from artnet import console
+
+def check(fail):
+    def run():
+        print("check on its own thread:", threading.current_thread() is not threading.main_thread(),
+              "before Ray was up:", not ray.is_initialized(), flush=True)
+        with console._start_up_log("check"):  # as `import_tensorflow` does, inside init_ray's own redirect
+            os.write(2, b"start-up noise\\n")
+        if fail:
+            raise ValueError("weights do not fit")
+        return "checked"
+    return run
+
+try:
+    console.init_ray(meanwhile=check(fail=True))
+except ValueError as e:
+    print("raised:", e, "Ray left up:", ray.is_initialized(), flush=True)
+print("returned:", console.init_ray(meanwhile=check(fail=False)), "Ray up:", ray.is_initialized(), flush=True)
+os.write(2, b"console after start-up\\n")
+"""
+
+
+@pytest.mark.cluster
+def test_the_drivers_checks_run_while_ray_starts_and_a_failure_stops_the_ray_it_started():
+    """`init_ray(meanwhile=...)`: the check runs on another thread while Ray starts (not before, not after); its
+    error is raised and the local instance that call started is shut down; its result is returned; file
+    descriptor 2 is the console again afterwards, with the start-up lines in log files."""
+    out = subprocess.run([sys.executable, "-c", OVERLAPPED_CHECK], capture_output=True, text=True, cwd=REPO,
+                         env={**os.environ, "RAY_AUTH_MODE": "disabled"}, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.splitlines() == [
+        "check on its own thread: True before Ray was up: True",
+        "raised: weights do not fit Ray left up: False",
+        "check on its own thread: True before Ray was up: True",
+        "returned: checked Ray up: True"]
+    assert "console after start-up" in out.stderr and "start-up noise" not in out.stderr

@@ -509,7 +509,7 @@ def absolute_paths(job: JobConfig) -> JobConfig:
 
 
 def resolve(job: JobConfig) -> JobConfig:
-    """Fill in what depends on the backbone, and check on the driver, before any Ray work, everything that
+    """Fill in what depends on the backbone, and check on the driver, before any job reaches Ray, everything that
     would otherwise fail later inside a worker: paths, the input size, the weights (built once here, so a
     file that does not fit or ImageNet weights that cannot be downloaded fail now), the checkpoint store."""
     from artnet.config import ConfigError, replace
@@ -638,14 +638,19 @@ def fit(job: JobConfig, parent_run_id: str | None = None, callbacks: list | None
 
     from artnet.train.backend import tensorflow_trainer
 
-    console.import_tensorflow()  # `resolve` builds the backbone: its C++ start-up lines go to a log file
-
     job.validate()
     manifest, painters = catalog.load(job.catalog)
     counts = _check_manifest(manifest, painters)
-    job = resolve(job)
-    check_resumable(job, identity(job, painters))
-    console.init_ray()
+
+    def checked() -> JobConfig:  # seconds of one core, while Ray starts
+        console.import_tensorflow()  # `resolve` builds the backbone: its C++ start-up lines go to a log file
+        resolved = resolve(job)
+        check_resumable(resolved, identity(resolved, painters))
+        import mlflow  # noqa: F401  (start_job_run's import, off the critical path too)
+
+        return resolved
+
+    job = console.init_ray(meanwhile=checked)
     os.environ.setdefault(HEALTH_CHECK_ENV, HEALTH_CHECK_S)  # Ray Train passes it on to its controller
     _check_cluster_fits(job)
     uri = tracking.tracking_uri(job)

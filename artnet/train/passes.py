@@ -1,4 +1,5 @@
-"""The training shard as tf.data, one Ray Data pass per epoch, each pass started ahead of time where it can be.
+"""The training shard as tf.data, one Ray Data pass per epoch, each pass started ahead of time where it can be
+(the test share too, while the last epoch's checkpoint is saved).
 
 A pass's first batch waits for its first decode task (and, in the first epoch, for decode worker processes to
 start). Started only when the epoch asks for it, that wait is on the training loop's critical path while a core

@@ -390,6 +390,7 @@ def worker_loop(config: dict) -> None:
         return ray.train.get_dataset_shard(split).iter_batches(batch_size=job.data.batch_size, batch_format="numpy")
 
     val_share = Replay(lambda: split_batches(f"val_{rank}"), job.data.eval_cache_mb << 20)
+    test_share = Passes(lambda: split_batches(f"test_{rank}"))  # read once, after the last epoch
 
     phase, optimizer, step_fn, warned = 0, None, None, False
     best_val_scores = None  # (labels, logits) of this worker's validation share with the best weights
@@ -427,8 +428,9 @@ def worker_loop(config: dict) -> None:
         state.epoch = epoch + 1
         if stopped:
             state.stopped_phase = phase
-        if next_epoch(state, tcfg.head_epochs, total_epochs) < total_epochs:
-            passes.start_next()  # its first decode tasks run while the checkpoint is saved
+        # The next pass (or, after the last epoch, the test share): its first decode tasks run while the
+        # checkpoint is saved.
+        (passes if next_epoch(state, tcfg.head_epochs, total_epochs) < total_epochs else test_share).start_next()
         if rank == 0:
             console.say(progress, _epoch_line(record, total_epochs, stopped))
         _report({**record, "done": False}, rank, model, [v.numpy() for v in optimizer.variables], best_weights, state)
@@ -448,7 +450,7 @@ def worker_loop(config: dict) -> None:
     started = time.perf_counter()
     if best_val_scores is None:  # no epoch trained here (a re-run, or a restart after the best one): score again
         best_val_scores = collect_logits(predict, val_share, num_classes)[:2]
-    calibration, test, cm, examples = _calibrate_and_test(predict, best_val_scores, split_batches(f"test_{rank}"),
+    calibration, test, cm, examples = _calibrate_and_test(predict, best_val_scores, test_share.batches(),
                                                           num_classes, tcfg.false_flag_rate, worker_sum)
     test["seconds"] = time.perf_counter() - started  # calibration on the best epoch's validation scores, then test
     final.update({f"test_{k}": v for k, v in test.items()})

@@ -36,16 +36,24 @@ def run(strategy, batch):
     step = trainer.make_train_step(strategy, model, optimizer, global_batch=PER_REPLICA * 2)
     data = strategy.distribute_datasets_from_function(
         lambda _: tf.data.Dataset.from_tensor_slices((images, labels)).batch(batch))
+    initial = model.get_weights()
     losses = [float(step(x, y)[0]) for x, y in data]
-    return model.get_weights(), losses
+    return initial, model.get_weights(), losses
 
 
 mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 single = tf.distribute.OneDeviceStrategy("/cpu:0")
-w2, l2 = run(mirrored, PER_REPLICA)        # each replica takes its own per-replica batch
-w1, l1 = run(single, PER_REPLICA * 2)      # one device takes the whole global batch
+_, w2, l2 = run(mirrored, PER_REPLICA)        # each replica takes its own per-replica batch
+w0, w1, l1 = run(single, PER_REPLICA * 2)      # one device takes the whole global batch
+
+
+def norm(a, b):
+    return float(np.sqrt(sum(((x.astype(np.float64) - y) ** 2).sum() for x, y in zip(a, b))))
+
+
 print(json.dumps({
     "replicas": mirrored.num_replicas_in_sync,
     "max_weight_diff": max(float(np.abs(a.astype(np.float64) - b).max()) for a, b in zip(w1, w2)),
+    "weight_diff_norm": norm(w1, w2), "update_norm": norm(w1, w0),
     "losses_mirrored": l2, "losses_single": l1, "finite": bool(np.isfinite(l2).all()),
 }))

@@ -128,8 +128,16 @@ def test_estimator_passes_scikit_learn_checks():
     from sklearn.utils.estimator_checks import check_estimator
 
     results = check_estimator(HeadClassifier(epochs=5), on_fail=None)
-    failed = [(r["check_name"], str(r["exception"])[:200]) for r in results if r["status"] == "failed"]
+    failed = [(r["check_name"], str(r["exception"])[:200]) for r in results
+              if r["status"] == "failed" and r["check_name"] != "check_methods_sample_order_invariance"]
     assert len(results) > 40 and not failed, failed
+    # That check wants the same scores to 1e-7 for rows in another order; a float32 matrix product may round a
+    # row differently with its place in the kernel's tile (by 1 ulp, 6e-8, on an AMD EPYC): the same check at
+    # float32's precision (scores that depended on the other rows, e.g. dropout left on, would differ by far more).
+    x, y = clusters([20] * 3)
+    est, order = HeadClassifier(epochs=5).fit(x, y), np.random.default_rng(0).permutation(len(x))
+    for method in ("decision_function", "predict_proba", "predict"):
+        np.testing.assert_allclose(getattr(est, method)(x)[order], getattr(est, method)(x[order]), rtol=1e-5, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------- feature cache

@@ -137,7 +137,8 @@ def test_estimator_passes_scikit_learn_checks():
     x, y = clusters([20] * 3)
     est, order = HeadClassifier(epochs=5).fit(x, y), np.random.default_rng(0).permutation(len(x))
     for method in ("decision_function", "predict_proba", "predict"):
-        np.testing.assert_allclose(getattr(est, method)(x)[order], getattr(est, method)(x[order]), rtol=1e-5, atol=1e-6)
+        scores = getattr(est, method)
+        np.testing.assert_allclose(scores(x)[order], scores(x[order]), rtol=1e-5, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------- feature cache

@@ -24,6 +24,17 @@ def test_each_worker_gets_every_address_and_its_own_index(monkeypatch):
                                                    "task": {"type": "worker", "index": 2}}
 
 
+def test_a_worker_starts_importing_tensorflow_once_it_has_its_tf_config():
+    """The import overlaps Ray Train's dataset setup and the loop's launch; in a new process, as in a worker."""
+    code = ("import sys, threading\n"
+            "from artnet.train import backend\n"
+            "backend.set_tf_config(['127.0.0.1:4000'], 0)\n"
+            "[t.join() for t in threading.enumerate() if t.name == 'artnet-import-tensorflow']\n"
+            "print(sorted(m for m in ('tensorflow', 'keras') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "['keras', 'tensorflow']"
+
+
 def test_a_worker_address_names_a_port_that_can_be_bound(monkeypatch):
     import ray.util
 

@@ -316,6 +316,18 @@ def summary(run: dict, head_epochs: int) -> dict:
     return out
 
 
+def machine() -> dict:
+    """What the CPU is: 2-core machines named alike differed 3x in speed between sessions here (two "AMD EPYC"s),
+    so a run's images/s are read against its CPU's family and vector units."""
+    info = {}
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        key, _, value = (part.strip() for part in line.partition(":"))
+        if key in ("model name", "cpu family", "model", "flags") and key not in info:
+            info[key] = value
+    flags = set(info.pop("flags", "").split())
+    return {**info, "avx512f": "avx512f" in flags, "avx512_bf16": "avx512_bf16" in flags}
+
+
 def net_wall_ratio(row: dict) -> float:
     """artnet's whole job less the null Ray Train job, over Keras': what is left once the fixed cost any Ray Train
     job pays on this machine is set aside (the null job's worker imports TensorFlow, as Keras' process does once)."""
@@ -344,6 +356,7 @@ def main() -> None:
     run_catalog(CatalogConfig(source=str(SHARED / "data" / "paintings"), top_k=3), str(Path(args.workdir) / "catalog"))
     cores = ",".join(str(i) for i in range(args.cpus))
     results = {"command": "python bench/one_node.py " + " ".join(sys.argv[1:]), "cpus": args.cpus,
+               "machine": machine(),
                "head_epochs": args.head_epochs, "finetune_epochs": args.finetune_epochs, "rounds": []}
     def side_run(side: str) -> dict:
         out = subprocess.run(["taskset", "-c", cores, sys.executable, __file__, "--worker", side, "--workdir",

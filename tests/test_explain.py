@@ -54,6 +54,43 @@ def test_the_map_is_highest_on_the_deciding_square(model):
     assert np.median(contrast) > 2.0, np.median(contrast)
 
 
+def test_the_forward_is_the_models_and_its_feature_maps_give_the_textbook_maps(model):
+    """`maps_of` weighs channels by the head's gradient at the pooled features; the textbook takes the gradient
+    over the feature map through the backbone's pooling and averages it over space. Both from one forward."""
+    import tensorflow as tf
+
+    images, labels, _ = squares(8, 3)
+    x = tf.constant(images.astype(np.float32))
+    gradcam = explain.GradCam(model)
+    logits, spatial = gradcam.forward(x)
+    np.testing.assert_allclose(logits.numpy(), model(x, training=False).numpy(), rtol=1e-5, atol=1e-5)
+
+    with tf.GradientTape() as tape:
+        feature_map, pooled = gradcam.features(gradcam.preprocess(x), training=False)
+        scores = pooled
+        for layer in gradcam.head:
+            scores = layer(scores, training=False)
+        score = tf.gather(scores, tf.constant(labels, tf.int32), axis=1, batch_dims=1)
+    weights = tf.reduce_mean(tape.gradient(score, feature_map), axis=(1, 2), keepdims=True)
+    textbook = tf.nn.relu(tf.reduce_sum(weights * feature_map, axis=-1)).numpy()
+    textbook /= textbook.max(axis=(1, 2), keepdims=True)
+
+    cams, chosen = gradcam.maps_of(spatial.numpy(), labels)
+    assert (chosen == labels).all() and textbook.max() == pytest.approx(1.0)
+    np.testing.assert_allclose(cams, textbook, atol=1e-5)
+    np.testing.assert_allclose(gradcam.maps(images, labels)[0], textbook, atol=1e-5)
+
+
+def test_a_backbone_not_ending_in_average_pooling_is_refused():
+    import keras
+
+    inputs = keras.Input((SIZE, SIZE, 3))
+    backbone = keras.Sequential([keras.layers.Conv2D(4, 3), keras.layers.GlobalMaxPooling2D()], name="backbone")
+    x = backbone(keras.layers.Rescaling(1 / 255, name="preprocess")(inputs))
+    with pytest.raises(ValueError, match="global average pooling"):
+        explain.GradCam(keras.Model(inputs, keras.layers.Dense(2)(x)))
+
+
 def test_overlay_is_an_image_of_the_same_size(model):
     images, labels, _ = squares(2, 2)
     overlays, chosen = explain.explained(model, images)

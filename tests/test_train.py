@@ -93,7 +93,7 @@ def test_two_workers_multi_worker_strategy_trains(small_catalog, tmp_path, ray_l
     best = int(np.argmin(history("val_loss")))
     mlflow.set_tracking_uri(result["tracking_uri"])
     model = mlflow.keras.load_model(result["model_uri"])
-    whole, _, _ = trainer.evaluate(lambda x: model(x, training=False), pipeline.build_dataset(
+    whole, _, _ = trainer.evaluate(lambda x: (model(x, training=False), None), pipeline.build_dataset(
         manifest, "val", job.data, train=False).iter_batches(batch_size=8, batch_format="numpy"), len(painters))
     assert whole["loss"] == pytest.approx(history("val_loss")[best], rel=1e-4)
     assert whole["images"] == history("val_images")[best] > 0, "every validation image counted exactly once"
@@ -105,7 +105,7 @@ def test_two_workers_multi_worker_strategy_trains(small_catalog, tmp_path, ray_l
     def logits_of(split):
         batches = pipeline.build_dataset(manifest, split, job.data, train=False).iter_batches(
             batch_size=8, batch_format="numpy")
-        return trainer.collect_logits(lambda x: model(x, training=False), batches, len(painters))
+        return trainer.collect_logits(lambda x: (model(x, training=False), None), batches, len(painters))
 
     (val_y, val_logits, _), (test_y, test_logits, _) = logits_of("val"), logits_of("test")
     fitted = calibration.calibrate(val_logits, val_y, job.train.false_flag_rate)

@@ -209,9 +209,9 @@ class WorkerRun:
         self.client.log_batch(self.run_id, metrics=values)
 
     def log_final(self, model, test: dict, cm: np.ndarray, painters: list[str], history: list[dict],
-                  size: int, model_metadata: dict, examples: tuple[np.ndarray, np.ndarray]) -> None:
-        """Test metrics, figures and reports (`examples`: test images and labels shown with their Grad-CAM
-        maps), then the model with `model_metadata` (painter names, calibration: see `model.bundle`) in its
+                  size: int, model_metadata: dict, examples: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
+        """Test metrics, figures and reports (`examples`: test images, labels and last feature maps, shown with
+        their Grad-CAM maps: `explained_grid`), then the model with `model_metadata` (painter names, calibration: see `model.bundle`) in its
         MLmodel file."""
         import mlflow
         from mlflow.models import infer_signature
@@ -229,7 +229,7 @@ class WorkerRun:
             plots.confusion_matrix(cm, painters, os.path.join(d, "confusion_matrix.png"))
             plots.confusion_csv(cm, painters, os.path.join(d, "confusion_matrix.csv"))
             plots.training_curves(history, os.path.join(d, "training_curves.png"))
-            explained_grid(model, *examples, painters, os.path.join(d, "gradcam_test.png"))
+            explained_grid(model, examples, painters, os.path.join(d, "gradcam_test.png"))
             with open(os.path.join(d, "per_painter.json"), "w") as f:
                 json.dump(report, f, indent=2)
             with open(os.path.join(d, "history.json"), "w") as f:
@@ -257,11 +257,14 @@ def model_requirements() -> list[str]:
             f"tensorflow=={tf.__version__}"]
 
 
-def explained_grid(model, images: np.ndarray, labels: np.ndarray, painters: list[str], path: str) -> None:
-    """Test paintings with their Grad-CAM maps, titled "painter -> answer"."""
+def explained_grid(model, examples: tuple[np.ndarray, np.ndarray, np.ndarray], painters: list[str],
+                   path: str) -> None:
+    """Test paintings with their Grad-CAM maps, titled "painter -> answer" (`examples`: images, labels, and
+    their last feature maps kept from the test pass)."""
     from artnet.model import explain
 
-    overlays, chosen = explain.explained(model, images)
+    images, labels, spatial = examples
+    overlays, chosen = explain.explained(model, images, spatial=spatial)
     titles = [f"{painters[t]} -> {painters[c]}" for t, c in zip(labels, chosen)]
     plots.image_grid(np.stack(overlays) if overlays else images, titles, path)
 

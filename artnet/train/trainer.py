@@ -174,22 +174,30 @@ def make_optimizer(strategy, model, policy: str, learning_rate):
 
 
 def make_predict(model):
+    """The model's forward, traced once: (logits, last feature map) of a batch. The feature maps of the test
+    images the run explains are kept from the pass that scores them (`explain.GradCam`)."""
     import tensorflow as tf
 
-    return tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+    from artnet.model import explain
+
+    return tf.function(explain.GradCam(model).forward, reduce_retracing=True)
 
 
-def collect_logits(predict, batches, num_classes: int, keep: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(labels, logits, the first `keep` images) of this worker's share of a split: what calibration, the final
-    scores and the explained examples come from (a share may be empty)."""
-    labels, logits, kept = [np.zeros(0, np.int64)], [np.zeros((0, num_classes), np.float32)], []
+def collect_logits(predict, batches, num_classes: int, keep: int = 0) -> tuple[np.ndarray, np.ndarray, tuple]:
+    """(labels, logits, (the first `keep` images, their feature maps)) of this worker's share of a split: what
+    calibration, the final scores and the explained examples come from (a share may be empty). `predict`: a
+    batch's (logits, feature maps) (`make_predict`)."""
+    labels, logits, kept, maps = [np.zeros(0, np.int64)], [np.zeros((0, num_classes), np.float32)], [], []
     for batch in batches:
-        logits.append(predict(batch["image"].astype(np.float32)).numpy())
+        scores, spatial = predict(batch["image"].astype(np.float32))
+        logits.append(scores.numpy())
         labels.append(batch["label"].astype(np.int64))
         if sum(map(len, kept)) < keep:
             kept.append(batch["image"][:keep - sum(map(len, kept))])
+            maps.append(spatial[:len(kept[-1])].numpy())
     images = np.concatenate(kept) if kept else np.zeros((0, 1, 1, 3), np.uint8)
-    return np.concatenate(labels), np.concatenate(logits).astype(np.float64), images
+    spatial = np.concatenate(maps) if maps else np.zeros((0, 1, 1, 1), np.float32)
+    return np.concatenate(labels), np.concatenate(logits).astype(np.float64), (images, spatial)
 
 
 class Replay:
@@ -486,7 +494,8 @@ def _calibrate_and_test(predict, val_scores: tuple, test_batches, num_classes: i
     test["ece_after"] = calib.expected_calibration_error(scaled, test_labels, total=worker_sum)
     flagged, images = worker_sum([fitted.unknown(scaled).sum(), len(test_labels)])
     test["unknown_flagged"] = float(flagged / max(images, 1))
-    return fitted, test, cm, (examples, test_labels[:len(examples)])
+    images, spatial = examples
+    return fitted, test, cm, (images, test_labels[:len(images)], spatial)
 
 
 # ---------------------------------------------------------------------------------------------- driver

@@ -24,15 +24,20 @@ def test_each_worker_gets_every_address_and_its_own_index(monkeypatch):
                                                    "task": {"type": "worker", "index": 2}}
 
 
+def tensorflow_modules_after(code: str) -> list[str]:
+    """Which of TensorFlow and Keras a new Python process has imported after running `code`."""
+    code += "\nimport json, sys\nprint(json.dumps(sorted(m for m in ('tensorflow', 'keras') if m in sys.modules)))\n"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def test_a_worker_starts_importing_tensorflow_once_it_has_its_tf_config():
     """The import overlaps Ray Train's dataset setup and the loop's launch; in a new process, as in a worker."""
-    code = ("import sys, threading\n"
-            "from artnet.train import backend\n"
-            "backend.set_tf_config(['127.0.0.1:4000'], 0)\n"
-            "[t.join() for t in threading.enumerate() if t.name == 'artnet-import-tensorflow']\n"
-            "print(sorted(m for m in ('tensorflow', 'keras') if m in sys.modules))\n")
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "['keras', 'tensorflow']"
+    assert tensorflow_modules_after(
+        "import threading\n"
+        "from artnet.train import backend\n"
+        "backend.set_tf_config(['127.0.0.1:4000'], 0)\n"
+        "[t.join() for t in threading.enumerate() if t.name == 'artnet-import-tensorflow']") == ["keras", "tensorflow"]
 
 
 def test_a_worker_address_names_a_port_that_can_be_bound(monkeypatch):
@@ -48,13 +53,11 @@ def test_a_worker_address_names_a_port_that_can_be_bound(monkeypatch):
 def test_the_trainer_and_its_backend_unpickle_without_tensorflow():
     """What the controller process does with the trainer's backend config; and the driver's imports before
     `resolve` builds the backbone."""
-    code = ("import pickle, sys\n"
-            "from artnet.train import backend, trainer\n"
-            "config = pickle.loads(pickle.dumps(backend.TensorflowBackendConfig()))\n"
-            "assert config.backend_cls.__name__ == '_TensorflowBackend' and config.framework.value == 'tensorflow'\n"
-            "print(sorted(m for m in ('tensorflow', 'keras') if m in sys.modules))\n")
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
+    assert tensorflow_modules_after(
+        "import pickle\n"
+        "from artnet.train import backend, trainer\n"
+        "config = pickle.loads(pickle.dumps(backend.TensorflowBackendConfig()))\n"
+        "assert config.backend_cls.__name__ == '_TensorflowBackend' and config.framework.value == 'tensorflow'") == []
 
 
 @pytest.mark.slow

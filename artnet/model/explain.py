@@ -25,7 +25,8 @@ class GradCam:
         backbone = model.get_layer("backbone")
         pool = backbone.layers[-1]  # global pooling: its input is the last convolutional feature map
         if not isinstance(pool, keras.layers.GlobalAveragePooling2D):
-            raise ValueError(f"Grad-CAM needs a backbone that ends in global average pooling, not {type(pool).__name__}")
+            raise ValueError("Grad-CAM needs a backbone that ends in global average pooling, not "
+                             f"{type(pool).__name__}")
         self.features = keras.Model(backbone.inputs, [pool.input, backbone.output])
         self.preprocess = model.get_layer("preprocess")
         self.head = model.layers[model.layers.index(backbone) + 1:]  # the dense head, in order

@@ -211,8 +211,8 @@ class WorkerRun:
     def log_final(self, model, test: dict, cm: np.ndarray, painters: list[str], history: list[dict],
                   size: int, model_metadata: dict, examples: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
         """Test metrics, figures and reports (`examples`: test images, labels and last feature maps, shown with
-        their Grad-CAM maps: `explained_grid`), then the model with `model_metadata` (painter names, calibration: see `model.bundle`) in its
-        MLmodel file."""
+        their Grad-CAM maps: `explained_grid`), then the model with `model_metadata` (painter names, calibration:
+        see `model.bundle`) in its MLmodel file."""
         import mlflow
         from mlflow.models import infer_signature
 

@@ -218,3 +218,22 @@ def test_an_epochs_iterator_is_destroyed_off_the_training_thread():
 
     trainer._release_in_background([Iterator()])
     assert done.wait(10) and destroyed_on == ["artnet-release-iterator"]
+
+
+def test_explained_examples_spread_over_painters_when_a_share_comes_painter_by_painter():
+    import tensorflow as tf
+
+    from artnet.train import trainer
+
+    labels = np.repeat([0, 1, 2], 20)
+    images = np.arange(60, dtype=np.uint8)[:, None, None, None] * np.ones((1, 2, 2, 3), np.uint8)
+    batches = [{"image": images[i:i + 8], "label": labels[i:i + 8]} for i in range(0, 60, 8)]
+
+    def predict(x):  # logits, and a feature map that carries the image's number
+        return tf.zeros((len(x), 3)), tf.constant(x[:, :1, :1, :1])
+
+    y, logits, (kept, kept_labels, maps) = trainer.collect_logits(predict, batches, 3, keep=12)
+    assert (y == labels).all() and logits.shape == (60, 3)
+    assert kept[:, 0, 0, 0].tolist() == [0, 1, 2, 3, 20, 21, 22, 23, 40, 41, 42, 43]
+    assert kept_labels.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    assert (maps[:, 0, 0, 0] == kept[:, 0, 0, 0]).all()  # each image with its own feature map

@@ -184,20 +184,24 @@ def make_predict(model):
 
 
 def collect_logits(predict, batches, num_classes: int, keep: int = 0) -> tuple[np.ndarray, np.ndarray, tuple]:
-    """(labels, logits, (the first `keep` images, their feature maps)) of this worker's share of a split: what
-    calibration, the final scores and the explained examples come from (a share may be empty). `predict`: a
-    batch's (logits, feature maps) (`make_predict`)."""
-    labels, logits, kept, maps = [np.zeros(0, np.int64)], [np.zeros((0, num_classes), np.float32)], [], []
+    """(labels, logits, examples) of this worker's share of a split: what calibration, the final scores and the
+    explained examples come from (a share may be empty). `predict`: a batch's (logits, feature maps)
+    (`make_predict`). `examples`: up to `keep` (images, labels, feature maps), at most keep / painters of each
+    painter in the order they come, so that a share read painter by painter still shows several of them."""
+    quota = -(-keep // num_classes)
+    taken = np.zeros(num_classes, np.int64)
+    labels, logits, kept = [np.zeros(0, np.int64)], [np.zeros((0, num_classes), np.float32)], []
     for batch in batches:
         scores, spatial = predict(batch["image"].astype(np.float32))
         logits.append(scores.numpy())
         labels.append(batch["label"].astype(np.int64))
-        if sum(map(len, kept)) < keep:
-            kept.append(batch["image"][:keep - sum(map(len, kept))])
-            maps.append(spatial[:len(kept[-1])].numpy())
-    images = np.concatenate(kept) if kept else np.zeros((0, 1, 1, 3), np.uint8)
-    spatial = np.concatenate(maps) if maps else np.zeros((0, 1, 1, 1), np.float32)
-    return np.concatenate(labels), np.concatenate(logits).astype(np.float64), (images, spatial)
+        for i, label in enumerate(labels[-1] if len(kept) < keep else ()):
+            if len(kept) < keep and taken[label] < quota:
+                taken[label] += 1
+                kept.append((batch["image"][i], label, spatial[i].numpy()))
+    examples = tuple(map(np.stack, zip(*kept))) if kept else \
+        (np.zeros((0, 1, 1, 3), np.uint8), np.zeros(0, np.int64), np.zeros((0, 1, 1, 1), np.float32))
+    return np.concatenate(labels), np.concatenate(logits).astype(np.float64), examples
 
 
 class Replay:
@@ -494,8 +498,7 @@ def _calibrate_and_test(predict, val_scores: tuple, test_batches, num_classes: i
     test["ece_after"] = calib.expected_calibration_error(scaled, test_labels, total=worker_sum)
     flagged, images = worker_sum([fitted.unknown(scaled).sum(), len(test_labels)])
     test["unknown_flagged"] = float(flagged / max(images, 1))
-    images, spatial = examples
-    return fitted, test, cm, (images, test_labels[:len(images)], spatial)
+    return fitted, test, cm, examples
 
 
 # ---------------------------------------------------------------------------------------------- driver

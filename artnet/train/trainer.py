@@ -195,8 +195,10 @@ def collect_logits(predict, batches, num_classes: int, keep: int = 0) -> tuple[n
         scores, spatial = predict(batch["image"].astype(np.float32))
         logits.append(scores.numpy())
         labels.append(batch["label"].astype(np.int64))
-        for i, label in enumerate(labels[-1] if len(kept) < keep else ()):
-            if len(kept) < keep and taken[label] < quota:
+        for i, label in enumerate(labels[-1]):
+            if len(kept) == keep:
+                break
+            if taken[label] < quota:
                 taken[label] += 1
                 kept.append((batch["image"][i], label, spatial[i].numpy()))
     examples = tuple(map(np.stack, zip(*kept))) if kept else \

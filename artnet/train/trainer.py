@@ -104,10 +104,24 @@ def make_worker_sum(strategy):
     return lambda values: reduce(tf.constant(np.asarray(values, np.float64))).numpy()
 
 
+def agree_on_finite(grads):
+    """Gradients made NaN on every replica if any replica of any worker has a non-finite one (else untouched):
+    LossScaleOptimizer judges each replica's own, not yet all-reduced, gradients, so replicas could skip vs apply."""
+    import tensorflow as tf
+
+    present = [g for g in grads if g is not None]
+    finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in present])
+    nonfinite_replicas = tf.distribute.get_replica_context().all_reduce(
+        tf.distribute.ReduceOp.SUM, tf.cast(tf.logical_not(finite), tf.float32))
+    agreed = iter(tf.cond(nonfinite_replicas > 0, lambda: [g * np.nan for g in present], lambda: present))
+    return [None if g is None else next(agreed) for g in grads]
+
+
 def make_train_step(strategy, model, optimizer, global_batch: int, label_smoothing: float = 0.0,
                     class_counts=None, class_balance: str = "none"):
     """One distributed step: returns (mean loss over the global batch, correct predictions). With
-    `class_balance` the loss is weighed or logit-adjusted from the training split's `class_counts`."""
+    `class_balance` the loss is weighed or logit-adjusted from the training split's `class_counts`. Under float16
+    loss scaling every replica of every worker skips (or applies) a step together (`agree_on_finite`)."""
     import keras
     import tensorflow as tf
 
@@ -118,6 +132,7 @@ def make_train_step(strategy, model, optimizer, global_batch: int, label_smoothi
     counts = np.ones(num_classes) if class_counts is None else np.asarray(class_counts)
     weights = tf.constant(balance.class_weights(counts, class_balance))
     offsets = tf.constant(balance.logit_offsets(counts, class_balance))
+    loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
 
     def replica_step(images, labels):
         with tf.GradientTape() as tape:
@@ -126,6 +141,8 @@ def make_train_step(strategy, model, optimizer, global_batch: int, label_smoothi
             loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
             scaled = optimizer.scale_loss(loss)
         grads = tape.gradient(scaled, variables)
+        if loss_scaled:
+            grads = agree_on_finite(grads)
         optimizer.apply_gradients(zip(grads, variables))
         correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels), tf.float32))
         return loss, correct

@@ -204,6 +204,9 @@ class ScalingConfig:
     # A custom Ray resource each training worker takes one unit of (e.g. "trainer": start the nodes meant for
     # training with `ray start --resources='{"trainer": 2}'`): workers land only there. Empty: any node.
     worker_resource: str = ""
+    # How long a job waits for the nodes it asked the autoscaler for (cloud GPU nodes take minutes to boot
+    # and pull the image) before it is refused.
+    wait_for_nodes_s: float = 900.0
 
     def validate(self) -> None:
         if self.num_workers < 1:
@@ -215,6 +218,9 @@ class ScalingConfig:
                               "add --use-gpu, or leave gpus_per_worker at 1")
         if self.cpus_per_worker < 1:
             raise ConfigError("scaling.cpus_per_worker", f"is {self.cpus_per_worker}", "use 1 or more")
+        if self.wait_for_nodes_s < 0:
+            raise ConfigError("scaling.wait_for_nodes_s", f"is {self.wait_for_nodes_s}",
+                              "use 0 (refuse unless the nodes are up) or a number of seconds, e.g. 900")
 
 
 @dataclass(frozen=True)
@@ -250,6 +256,9 @@ class SearchConfig:
     # Fine-tuning trials per count when the space has fine-tuning fields (see search.space.FINETUNE_FIELDS):
     # each an `artnet train` job on the images under Ray Tune, starting from the count's best head.
     finetune_samples: int = 4
+    # How cached features are stored and handed to trials: "float16" halves the cache, the driver's copy and the
+    # object-store copy (heads still compute in float32); a float16 cache is another cache than a float32 one.
+    feature_dtype: str = "float32"
 
     @property
     def mode(self) -> str:
@@ -276,6 +285,9 @@ class SearchConfig:
             raise ConfigError("search.finetune_samples", f"is {self.finetune_samples}", "run 1 or more trials")
         if self.max_concurrent < 0:
             raise ConfigError("search.max_concurrent", f"is {self.max_concurrent}", "use 0 (automatic) or more")
+        if self.feature_dtype not in ("float32", "float16"):
+            raise ConfigError("search.feature_dtype", f"is {self.feature_dtype!r}",
+                              "use float32 (exact features) or float16 (half the memory)")
 
 
 PROMOTION_METRICS = ("balanced_accuracy", "accuracy", "macro_f1", "top3_accuracy")

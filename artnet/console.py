@@ -146,12 +146,6 @@ class _Side(threading.Thread):
             self.error = e
 
 
-def alive_nodes() -> int:
-    import ray
-
-    return sum(1 for node in ray.nodes() if node.get("Alive"))
-
-
 def _progress_actor():
     import ray
 

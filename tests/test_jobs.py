@@ -134,3 +134,98 @@ def test_bad_config_job_fails_fast_with_the_field(cluster, tmp_path):
     out = submit(address, env, "train.py", str(tmp_path), "--set", "train.batch_size=0")
     assert out.returncode != 0
     assert "train.batch_size" in out.stdout + out.stderr
+
+
+def autoscaling_config(gcs: str) -> dict:
+    """Ray's fake multi-node provider (the one its autoscaler tests use): the head alone at the start, and a
+    node type `gpu_worker` (one `trainer` unit, as cluster.yaml's GPU nodes carry) the autoscaler may add once;
+    each node it adds is a real raylet on this machine."""
+    return {"cluster_name": "artnet-test", "max_workers": 1, "upscaling_speed": 1.0, "idle_timeout_minutes": 5,
+            "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
+                         "disable_launch_config_check": True, "gcs_address": gcs},
+            "auth": {}, "docker": {}, "head_node_type": "ray.head.default",  # the fake provider's name for it
+            "available_node_types": {
+                "ray.head.default": {"resources": {"CPU": 2}, "node_config": {}, "max_workers": 0},
+                "gpu_worker": {"resources": {"CPU": 1, "trainer": 1}, "node_config": {}, "min_workers": 0,
+                               "max_workers": 1}},
+            **{key: [] for key in ("initialization_commands", "setup_commands", "head_setup_commands",
+                                   "worker_setup_commands", "head_start_ray_commands", "worker_start_ray_commands",
+                                   "cluster_synced_files", "rsync_exclude", "rsync_filter")},
+            "file_mounts": {}, "file_mounts_sync_continuously": False}
+
+
+@pytest.fixture
+def autoscaling_cluster(tmp_path, tmp_path_factory, s3_endpoint):
+    """A local autoscaling cluster that starts with its head only (2 CPUs, no `trainer`)."""
+    import psutil
+
+    gcs = f"127.0.0.1:{free_port()}"
+    config = tmp_path / "autoscaling.json"
+    config.write_text(json.dumps(autoscaling_config(gcs)))
+    env = {**os.environ, **NODE_ENV, "RAY_AUTH_MODE": "disabled", "PATH": f"{BIN}:{os.environ['PATH']}",
+           "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
+    temp = tmp_path_factory.mktemp("ray-as")  # short: Ray's socket paths live under it
+    head = start_node(env, temp, "--head", f"--port={gcs.rsplit(':', 1)[1]}", "--num-cpus=2",
+                      f"--autoscaling-config={config}", "--include-dashboard=false")
+    try:
+        wait_for(gcs, env, "Active")
+        yield gcs, {**env, "RAY_ADDRESS": gcs}
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(timeout=60)
+        for process in psutil.process_iter(["cmdline"]):  # the nodes the autoscaler started, in its temp dir
+            if any(str(temp) in arg for arg in process.info.get("cmdline") or []):
+                process.kill()
+
+
+def test_a_job_asks_the_autoscaler_for_its_nodes_and_trains_on_them(autoscaling_cluster, s3_bucket, tmp_path):
+    """A fresh autoscaling cluster has no node with `trainer`: the job asks the autoscaler, says what it waits
+    for, trains once the node has joined, and ran its workers there. Asks that no node type can meet are refused
+    in one line before any work, naming the field."""
+    import ray
+
+    gcs, env = autoscaling_cluster
+    demo_data.write_demo_set(str(tmp_path / "data"), painters=2, per_painter=16, size=48)
+    out = subprocess.run([str(BIN / "artnet"), "catalog", str(tmp_path / "data"), "--out", str(tmp_path / "catalog"),
+                          "--split", "0.6,0.2,0.2"], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    port = free_port()
+    (tmp_path / "mlflow").mkdir()
+    server = start_mlflow_server(tmp_path / "mlflow", port, f"s3://{s3_bucket}/autoscale/mlflow")
+
+    def train(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(BIN / "artnet"), "train", str(tmp_path / "catalog"), "--preset", "demo", "--image-size", "32",
+             "--head-epochs", "1", "--finetune-epochs", "0", "--workdir", str(tmp_path / "work"),
+             "--storage-path", f"s3://{s3_bucket}/autoscale/ray_results", "--set", "scaling.worker_resource=trainer",
+             "--set", f"tracking.tracking_uri=http://127.0.0.1:{port}", *args],
+            env=env, capture_output=True, text=True, timeout=600)
+
+    try:
+        two = train("--workers", "2", "--name", "two")  # one gpu_worker may be added: one `trainer`
+        assert two.returncode == 2, two.stdout[-2000:] + two.stderr[-2000:]
+        assert "config field 'scaling.worker_resource'" in two.stderr and "can add 1 for 2 worker(s)" in two.stderr
+        gpu = train("--use-gpu", "--name", "gpu")  # no node type has a GPU
+        assert gpu.returncode == 2 and "config field 'scaling.num_workers'" in gpu.stderr
+        assert "gpu_worker {CPU: 1, trainer: 1}" in gpu.stderr, "it names what the autoscaler could add"
+        assert "waiting" not in two.stdout + gpu.stdout
+
+        ray.init(address=gcs)
+        try:
+            assert not any("trainer" in n["Resources"] for n in ray.nodes() if n["Alive"]), "head only, at first"
+            job = train("--name", "one", "--set", "scaling.wait_for_nodes_s=300")
+            assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+            assert "waiting for the autoscaler to add 1 x gpu_worker for 1 training worker(s)" in job.stdout
+            assert "node(s) up after" in job.stdout and "test: accuracy" in job.stdout
+            alive = [n for n in ray.nodes() if n["Alive"]]
+            assert len(alive) == 2 and sum(n["Resources"].get("trainer", 0) for n in alive) == 1
+        finally:
+            ray.shutdown()
+        import mlflow
+
+        client = mlflow.MlflowClient(f"http://127.0.0.1:{port}")
+        runs = client.search_runs([client.get_experiment_by_name("artnet").experiment_id])
+        assert [(r.info.run_name, r.info.status) for r in runs] == [("one", "FINISHED")], "refused jobs left no run"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -373,9 +373,18 @@ def pass_rows(rows: pa.Table, decode_batch: int, shuffle: bool, seed: int | None
 
 
 def inference_pool(use_gpu: bool):
-    """(actors, per-actor resources) for a model-in-an-actor stage (features, predictions): one actor per GPU,
-    else up to 4 CPU actors that leave at least one CPU to the decode tasks (a pool that takes every CPU
-    starves them, ray#44687)."""
-    gpus = int(ray.cluster_resources().get("GPU", 0)) if use_gpu else 0
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    return (gpus, {"num_gpus": 1}) if gpus else (max(1, min(4, cpus - 1)), {"num_cpus": 1})
+    """(actors, per-actor resources) for a model-in-an-actor stage (features, predictions): one actor per GPU
+    the cluster has or its autoscaler can add (Ray Data's pending actors ask for those nodes), else up to 4 CPU
+    actors that leave at least one CPU to the decode tasks (a pool that takes every CPU starves them,
+    ray#44687). `use_gpu` on a cluster that has and can add no GPU is refused, not run on CPUs."""
+    from artnet import cluster
+    from artnet.errors import ConfigError
+
+    can = cluster.current()
+    if not use_gpu:
+        return max(1, min(4, int(can.total("CPU")) - 1)), {"num_cpus": 1}
+    gpus = int(can.total("GPU", grown=True))
+    if not gpus:
+        raise ConfigError("scaling.use_gpu", "is on, but no node has a GPU and the autoscaler can add none",
+                          "drop --use-gpu, or add GPU nodes (a GPU node type in cluster.yaml)")
+    return gpus, {"num_gpus": 1}

@@ -18,7 +18,7 @@ import io
 import json
 import time
 
-from artnet import console, metrics
+from artnet import cluster, console, metrics
 from artnet.config import CatalogConfig, ConfigError, JobConfig, override, replace
 from artnet.data import catalog, storage
 from artnet.search import embeddings
@@ -85,11 +85,9 @@ def _search_algorithm(job: JobConfig):
 
 
 def _concurrency(job: JobConfig) -> int:
-    import ray
-
     if job.search.max_concurrent:
         return job.search.max_concurrent
-    return max(1, int(ray.cluster_resources().get("CPU", 1)) - 1)  # one CPU for Ray's own work
+    return max(1, int(cluster.current().total("CPU", grown=True)) - 1)  # one CPU for Ray's own work
 
 
 def search_count(job: JobConfig, dims: list[Dimension], data: dict[str, Features], num_classes: int,
@@ -112,17 +110,26 @@ def finetune_search(job: JobConfig, dims: list[Dimension], name: str, parent_run
     """Run (or resume) one count's fine-tuning search: `search.finetune_samples` training jobs under Tune, as
     many at once as the cluster has room for (each job's workers plus a CPU for decoding); returns the best
     trial's last result by the validation metric. Each job's MLflow run is nested under the sweep's."""
-    import ray
     from ray import tune
 
+    from artnet.train import trainer
+
+    # Each trial's workers are planned (refused, or their nodes waited for) once here, on the sweep's driver,
+    # which sees the autoscaler's node types: a trial may run on a node that does not.
+    wanted = trainer.plan_cluster(job)
+    trainer.wait_for_nodes(job, wanted)
     per_job = job.scaling.num_workers * job.scaling.cpus_per_worker + 1
-    concurrent = job.search.max_concurrent or max(1, int(ray.cluster_resources().get("CPU", 1) // per_job))
+    concurrent = job.search.max_concurrent or max(1, int(wanted.total("CPU", grown=True) // per_job))
     # The trial itself only waits on its training job: a sliver of a CPU, so decoding keeps the rest.
     trainable = tune.with_resources(tune.with_parameters(finetune_trial, base=job, parent_run_id=parent_run_id),
                                     {"cpu": 0.1})
     epochs = max([job.train.finetune_epochs] + [int(v) for d in dims if d.field == "train.finetune_epochs"
                                                 for v in d.values])
-    results = _run_tuner(job, trainable, dims, name, job.search.finetune_samples, epochs + 1, concurrent, [])
+    try:
+        results = _run_tuner(job, trainable, dims, name, job.search.finetune_samples, epochs + 1, concurrent, [])
+    finally:
+        if wanted.launch:
+            cluster.release()
     return results.get_best_result(job.search.metric, job.search.mode, scope="all"), results
 
 
@@ -245,7 +252,10 @@ def sweep(job: JobConfig, dims: list[Dimension]) -> dict:
     job = trainer.resolve(job)
     console.init_ray()
     uri = tracking.tracking_uri(job)
-    tracking.check_reachable(uri, job.tracking.artifact_location, console.alive_nodes())  # before any work
+    nodes = cluster.current().nodes  # before any work
+    tracking.check_reachable(uri, job.tracking.artifact_location, nodes)
+    cluster.refuse_local("search.cache", embeddings.cache_of(job), nodes,
+                         "features are written by the embedding actors on their nodes", "embeddings")
     started = time.time()
     cached = embeddings.ensure(manifest, job, embeddings.cache_of(job), job.search.views, job.train.seed)
     console.log.info("features: %d computed, %d reused, %d undecodable (%.0f s) in %s", cached["computed"],

@@ -177,6 +177,10 @@ def predict(model_uri: str, sources: list[str], *, k: int = 3, tracking_uri: str
         return table
     ds = stream(model_uri, tracking_uri, rows_of(uris), k, use_gpu)
     if out:
+        from artnet import cluster
+
+        cluster.refuse_local("--out", storage.absolute(out), cluster.current().nodes,
+                             "predictions are written by the actors on their nodes", "predictions")
         fs, path = storage.resolve(storage.absolute(out))
         ds.write_parquet(path, filesystem=fs)
         return None

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from artnet import console, metrics
+from artnet import cluster, console, metrics
 from artnet.config import JobConfig
 from artnet.errors import UserError
 from artnet.data import storage
@@ -617,24 +617,62 @@ def class_counts(manifest, num_classes: int) -> list[int]:
     return np.bincount(train["label"].to_numpy(), minlength=num_classes).tolist()
 
 
-def _check_cluster_fits(job: JobConfig) -> None:
-    """Refuse before starting what would wait forever: training workers that take every CPU (none left for Ray
-    Data's decode tasks, so no first batch), or more workers than the cluster has units of `worker_resource`."""
-    import ray
+DECODE_BUNDLE = {"CPU": 1}  # at least one CPU beside the training workers for Ray Data's decode tasks
 
+
+def worker_bundles(scaling) -> list[dict[str, float]]:
+    """What each training worker takes: its CPUs, GPUs and one unit of `worker_resource`."""
+    bundle = {"CPU": scaling.cpus_per_worker, **({"GPU": scaling.gpus_per_worker} if scaling.use_gpu else {}),
+              **({scaling.worker_resource: 1} if scaling.worker_resource else {})}
+    return [bundle] * scaling.num_workers
+
+
+def plan_cluster(job: JobConfig) -> cluster.Plan:
+    """The cluster the job will run on: the nodes up and those the autoscaler will add for its workers (and a
+    CPU for decoding). Refused before any work if they fit on no node, up or addable."""
+    wanted = cluster.current(worker_bundles(job.scaling) + [DECODE_BUNDLE])
+    if wanted.unplaced:
+        raise _unplaceable(job, wanted)
+    return wanted
+
+
+def wait_for_nodes(job: JobConfig, wanted: cluster.Plan) -> None:
+    """Asks the autoscaler for the nodes `wanted` adds and waits for them (`scaling.wait_for_nodes_s`)."""
     from artnet.config import ConfigError
 
-    name, resources = job.scaling.worker_resource, ray.cluster_resources()
-    if name and resources.get(name, 0) < job.scaling.num_workers:
-        raise ConfigError("scaling.worker_resource", f"asks for one unit of '{name}' per worker, and the cluster "
-                          f"has {resources.get(name, 0):g} for {job.scaling.num_workers} worker(s)",
-                          f"start the training nodes with --resources='{{\"{name}\": N}}', or leave it empty")
-    total = resources.get("CPU", 0)
-    wanted = job.scaling.num_workers * job.scaling.cpus_per_worker
-    if total - wanted < 1:
-        raise ConfigError("scaling.num_workers", f"{job.scaling.num_workers} worker(s) x "
-                          f"{job.scaling.cpus_per_worker} CPU take all {total:g} CPUs of the cluster, none is left "
-                          "for decoding images", "use fewer workers or cpus_per_worker, or add CPU nodes")
+    if not wanted.launch:
+        return
+    try:
+        cluster.ensure(worker_bundles(job.scaling) + [DECODE_BUNDLE], job.scaling.wait_for_nodes_s,
+                       f"{job.scaling.num_workers} training worker(s)")
+    except TimeoutError as e:
+        raise ConfigError("scaling.wait_for_nodes_s", f"is {job.scaling.wait_for_nodes_s:g}: {e}",
+                          "allow longer (GPU nodes can take 5-10 minutes to boot and pull the image), or see why "
+                          "the autoscaler did not add them: `ray status`, and monitor.* in Ray's session logs") from None
+
+
+def _unplaceable(job: JobConfig, wanted: cluster.Plan) -> Exception:
+    """The one-line refusal for a request that no node, up or addable, has room for."""
+    from artnet.config import ConfigError
+
+    scaling, types, _ = job.scaling, *cluster.node_types()
+    name = scaling.worker_resource
+    if name:
+        units = sum(n.get(name, 0) for n in wanted.up) + sum(
+            math.inf if t.max_workers < 0 else t.max_workers * t.resources.get(name, 0) for t in types)
+        if units < scaling.num_workers:
+            return ConfigError("scaling.worker_resource", f"asks for one unit of '{name}' per worker, and the cluster "
+                               f"has or can add {units:g} for {scaling.num_workers} worker(s)",
+                               f"start the training nodes with --resources='{{\"{name}\": N}}' (cluster.yaml: a "
+                               "node type's resources), or leave it empty")
+    if all(b == DECODE_BUNDLE for b in wanted.unplaced):
+        return ConfigError("scaling.num_workers", f"{scaling.num_workers} worker(s) x {scaling.cpus_per_worker} CPU "
+                           f"take all {wanted.total('CPU'):g} CPUs of the cluster, none is left for decoding images",
+                           "use fewer workers or cpus_per_worker, or add CPU nodes")
+    addable = "; ".join(f"{t.name} {cluster.shape(t.resources)}" for t in types) or "none (no autoscaler)"
+    return ConfigError("scaling.num_workers", f"{cluster.describe(wanted.unplaced)} fit on no node: nodes up "
+                       f"{cluster.describe(wanted.up)}; node types the autoscaler can add: {addable}",
+                       "use fewer workers, or fewer GPUs/CPUs per worker, or add a node type that holds one worker")
 
 
 def results_dir(job: JobConfig) -> str:
@@ -662,14 +700,8 @@ def fit(job: JobConfig, parent_run_id: str | None = None, callbacks: list | None
     """Run one training job on the Ray cluster (local unless RAY_ADDRESS says otherwise); returns the final
     metrics, the MLflow run id and where the checkpoints are. With `parent_run_id` the job's MLflow run is
     nested under that run (a sweep's); `callbacks` are Ray Train callbacks (Tune's, in a fine-tuning trial)."""
-    import ray
-
-    from artnet.data import catalog, pipeline
+    from artnet.data import catalog
     from artnet.track import tracking
-
-    from ray.train import DataConfig, ScalingConfig
-
-    from artnet.train.backend import tensorflow_trainer
 
     job.validate()
     manifest, painters = catalog.load(job.catalog)
@@ -685,9 +717,31 @@ def fit(job: JobConfig, parent_run_id: str | None = None, callbacks: list | None
 
     job = console.init_ray(meanwhile=checked)
     os.environ.setdefault(HEALTH_CHECK_ENV, HEALTH_CHECK_S)  # Ray Train passes it on to its controller
-    _check_cluster_fits(job)
+    # A fine-tuning trial (Tune's `callbacks`) was planned by its sweep, and may run where the autoscaler's
+    # node types cannot be read.
+    wanted = plan_cluster(job) if callbacks is None else cluster.current()
     uri = tracking.tracking_uri(job)
-    tracking.check_reachable(uri, job.tracking.artifact_location, console.alive_nodes())
+    tracking.check_reachable(uri, job.tracking.artifact_location, wanted.nodes)
+    cluster.refuse_local("storage_path", results_dir(job), wanted.nodes,
+                         "checkpoints are written and read on the workers' nodes", "ray_results")
+    wait_for_nodes(job, wanted)
+    try:
+        return _fit_on(job, uri, manifest, painters, counts, parent_run_id, callbacks)
+    finally:
+        if wanted.launch:
+            cluster.release()
+
+
+def _fit_on(job: JobConfig, uri: str, manifest, painters: list[str], counts: dict[str, int],
+            parent_run_id: str | None, callbacks: list | None) -> dict:
+    """`fit` on the cluster it runs on, its nodes up."""
+    import ray
+    from ray.train import DataConfig, ScalingConfig
+
+    from artnet.data import pipeline
+    from artnet.track import tracking
+    from artnet.train.backend import tensorflow_trainer
+
     tags = tracking.identity_tags(job, manifest, painters)
     if parent_run_id:
         tags[tracking.PARENT_TAG] = parent_run_id

@@ -2,11 +2,13 @@
 
 The tracking URI is the config's, else $MLFLOW_TRACKING_URI, else sqlite in the work directory. A job's run
 is tagged with the job name; re-running the same job (or a Ray Train restart) continues that run while it is
-unfinished, matching Ray Train's resume-by-name.
+unfinished, matching Ray Train's resume-by-name. A server's credentials come from MLflow's own environment
+variables (`CLIENT_ENV`), never from the config, so they stay out of the run's params.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -16,12 +18,19 @@ import time
 import numpy as np
 
 from artnet.config import JobConfig, flatten
+from artnet.errors import UserError
 from artnet.track import plots
 
 JOB_TAG = "artnet.job"
 MODEL_URI_TAG = "artnet.model_uri"
 EPOCH_METRIC = "train_loss"  # logged at every epoch: its steps are the epochs a run holds
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own tag for nested runs
+# The MLflow client settings that let a process into a tracking server with auth (and make it trust the server's
+# TLS): rank 0 logs from a Ray worker, which has none of the driver's environment, so the driver passes them on.
+# The TLS settings travel in the workers' runtime env; the credentials through Ray's object store (`sealed`),
+# since Ray writes runtime envs to its logs and dashboard (ray#28276).
+CREDENTIALS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+CLIENT_ENV = ("MLFLOW_TRACKING_INSECURE_TLS", "MLFLOW_TRACKING_SERVER_CERT_PATH", "MLFLOW_TRACKING_CLIENT_CERT_PATH")
 
 
 def tracking_uri(job: JobConfig) -> str:
@@ -35,6 +44,62 @@ def resolve_uri(configured: str, workdir: str) -> str:
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
     return f"sqlite:///{os.path.abspath(os.path.join(workdir, 'mlflow.db'))}"
+
+
+def client_env() -> dict[str, str]:
+    """This process's MLflow TLS settings (`CLIENT_ENV`), for the training workers' runtime env."""
+    return {k: os.environ[k] for k in CLIENT_ENV if os.environ.get(k)}
+
+
+def sealed_credentials():
+    """This process's MLflow credentials as a Ray object reference (None without any), for rank 0 to `unseal`."""
+    import ray
+
+    found = {k: os.environ[k] for k in CREDENTIALS if os.environ.get(k)}
+    return ray.put(found) if found else None
+
+
+def unseal(credentials) -> None:
+    """In a Ray worker: the driver's MLflow credentials (`sealed_credentials`) into this process's environment."""
+    import ray
+
+    if credentials is not None:
+        os.environ.update(ray.get(credentials))
+
+
+def refusal(uri: str, error: BaseException) -> UserError | None:
+    """`error` as a one-line UserError with the fix when the server refused the credentials (HTTP 401) or the
+    user's permission (403): unlike a server that is away, trying again cannot help. Names variables, not values."""
+    from mlflow.exceptions import MlflowException
+
+    # REST calls raise MlflowException; artifact uploads raise requests' HTTPError.
+    status = (error.get_http_status_code() if isinstance(error, MlflowException)
+              else getattr(getattr(error, "response", None), "status_code", None))
+    given = " and ".join(k for k in CREDENTIALS if os.environ.get(k))
+    credentials = "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)"
+    if status == 401:
+        return UserError(uri, f"the MLflow tracking server did not accept the credentials (HTTP 401; "
+                              f"{given or 'no MLFLOW_TRACKING_USERNAME, _PASSWORD or _TOKEN'} set)",
+                         f"set {credentials} to a user of that server where the job starts; artnet passes them on "
+                         "to its training workers")
+    if status == 403:
+        return UserError(uri, f"the MLflow tracking server denied permission to the user of "
+                              f"{given or 'no credentials'} (HTTP 403)",
+                         f"grant that user EDIT permission on the job's experiment, or set {credentials} to a user "
+                         "who has it")
+    return None
+
+
+@contextlib.contextmanager
+def refusals_named(uri: str):
+    """Calls to the tracking server at `uri`, a refusal raised as `refusal`'s one-line UserError."""
+    try:
+        yield
+    except Exception as e:
+        error = refusal(uri, e)
+        if error is None:
+            raise
+        raise error from e
 
 
 def is_local_store(uri: str) -> bool:
@@ -83,22 +148,23 @@ def identity_tags(job: JobConfig, manifest, painters: list[str]) -> dict[str, st
 
 def start_job_run(job: JobConfig, uri: str, tags: dict[str, str] | None = None) -> str:
     """The run id for this job: the unfinished run with the same job name, or a new one with params and
-    `tags` logged."""
+    `tags` logged. The driver's first call to the server: credentials it refuses stop the job here, with the fix."""
     import mlflow
 
     client = mlflow.MlflowClient(uri)
-    experiment = client.get_experiment_by_name(job.tracking.experiment)
-    experiment_id = (experiment.experiment_id if experiment else
-                     client.create_experiment(job.tracking.experiment, artifact_location=artifact_location(job, uri)))
-    found = client.search_runs([experiment_id], filter_string=f"tags.`{JOB_TAG}` = '{job.name}'",
-                               order_by=["attributes.start_time DESC"], max_results=1)
-    if found and found[0].info.status != "FINISHED":
-        return found[0].info.run_id
-    run = client.create_run(experiment_id, run_name=job.name, tags={JOB_TAG: job.name, **(tags or {})})
-    params = {k: str(v) for k, v in flatten(job).items()}
-    items = list(params.items())
-    for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
-        client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, v) for k, v in items[i:i + 100]])
+    with refusals_named(uri):
+        experiment = client.get_experiment_by_name(job.tracking.experiment)
+        experiment_id = (experiment.experiment_id if experiment else client.create_experiment(
+            job.tracking.experiment, artifact_location=artifact_location(job, uri)))
+        found = client.search_runs([experiment_id], filter_string=f"tags.`{JOB_TAG}` = '{job.name}'",
+                                   order_by=["attributes.start_time DESC"], max_results=1)
+        if found and found[0].info.status != "FINISHED":
+            return found[0].info.run_id
+        run = client.create_run(experiment_id, run_name=job.name, tags={JOB_TAG: job.name, **(tags or {})})
+        params = {k: str(v) for k, v in flatten(job).items()}
+        items = list(params.items())
+        for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+            client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, v) for k, v in items[i:i + 100]])
     return run.info.run_id
 
 
@@ -151,11 +217,13 @@ class WorkerRun:
     """Rank 0's handle on the job's run: per-epoch metrics, then the final artifacts and model.
 
     The checkpoint's history is the record of epochs; the run mirrors it (`mirror`), so MLflow holds each epoch
-    exactly once however often workers restart, and training never waits for the tracking server."""
+    exactly once however often workers restart, and training never waits for the tracking server. A server that
+    refuses rank 0's credentials or permission (`refusal`) stops the job at the next call, not after training."""
 
     def __init__(self, uri: str, run_id: str):
         self.uri, self.run_id = uri, run_id
         self.failure: Exception | None = None  # why the last delivery failed, until one succeeds
+        self.refused: UserError | None = None  # a delivery the server refused: the next call raises it
         self._delivery: threading.Thread | None = None
         self._client = None
 
@@ -171,15 +239,18 @@ class WorkerRun:
 
     def sync_epochs(self, history: list[dict]) -> None:
         """Log each epoch of `history` that the run does not hold yet (its `train_loss` steps say which)."""
-        logged = {m.step for m in self.client.get_metric_history(self.run_id, EPOCH_METRIC)}
-        for record in history:
-            if int(record["epoch"]) not in logged:
-                self.log_epoch(record)
+        with refusals_named(self.uri):
+            logged = {m.step for m in self.client.get_metric_history(self.run_id, EPOCH_METRIC)}
+            for record in history:
+                if int(record["epoch"]) not in logged:
+                    self.log_epoch(record)
 
     def mirror(self, history: list[dict]) -> None:
         """`sync_epochs` in the background, called once an epoch's checkpoint is saved. While the tracking server
         is away its deliveries fail (after MLflow's own retries) and a later call delivers what it missed; a call
-        made while one is under way is left to the next."""
+        made while one is under way is left to the next. A refused delivery is raised by the next call."""
+        if self.refused is not None:
+            raise self.refused
         if self._delivery is not None and self._delivery.is_alive():
             return
 
@@ -187,14 +258,16 @@ class WorkerRun:
             try:
                 self.sync_epochs(records)
                 self.failure = None
-            except Exception as e:  # noqa: BLE001 - any tracking failure: the next call tries again
+            except UserError as e:  # refused credentials or permission: waiting cannot help
+                self.refused = e
+            except Exception as e:  # noqa: BLE001 - any other tracking failure: the next call tries again
                 self.failure = e
 
         self._delivery = threading.Thread(target=deliver, args=(list(history),), daemon=True)
         self._delivery.start()
 
     def flush(self, history: list[dict]) -> None:
-        """Deliver every epoch before the final report; raises if the tracking server is still away."""
+        """Deliver every epoch before the final report; raises if the tracking server is still away or refuses."""
         if self._delivery is not None:
             self._delivery.join()
         self.sync_epochs(history)

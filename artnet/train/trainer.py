@@ -370,7 +370,7 @@ def _epoch_line(record: dict, total_epochs: int, stopped: bool) -> str:
 
 def worker_loop(config: dict) -> None:
     """Ray Train's train_loop_per_worker. `config`: job (JobConfig), painters, train_rows, run_id, tracking_uri,
-    progress (a `console.relay` actor or None)."""
+    credentials (`tracking.sealed_credentials`), progress (a `console.relay` actor or None)."""
     import ray.train
 
     job: JobConfig = config["job"]
@@ -412,6 +412,8 @@ def worker_loop(config: dict) -> None:
         console.say(progress, f"resuming at epoch {state.epoch + 1}")
 
     train_data = strategy.distribute_datasets_from_function(lambda _: tf_dataset(passes, size))
+    if rank == 0:
+        tracking.unseal(config.get("credentials"))
     run = tracking.WorkerRun(config["tracking_uri"], config["run_id"]) if rank == 0 else None
     if run is not None:
         run.mirror(state.history)  # epochs a lost worker group checkpointed but never logged (and MLflow's import)
@@ -692,8 +694,12 @@ def _run_config(job: JobConfig, callbacks: list | None = None):
 
 
 def worker_env() -> dict[str, str]:
-    """The training workers' environment: the object store the driver talks to, and their niceness."""
-    return {**storage.endpoint_env(), NICENESS_ENV: os.environ.get(NICENESS_ENV, TRAINING_NICENESS)}
+    """The training workers' environment: the object store and the MLflow TLS settings the driver uses (rank 0
+    logs with them; the credentials go through `tracking.sealed_credentials`), and their niceness."""
+    from artnet.track import tracking
+
+    return {**storage.endpoint_env(), **tracking.client_env(),
+            NICENESS_ENV: os.environ.get(NICENESS_ENV, TRAINING_NICENESS)}
 
 
 def fit(job: JobConfig, parent_run_id: str | None = None, callbacks: list | None = None) -> dict:
@@ -759,12 +765,10 @@ def _fit_on(job: JobConfig, uri: str, manifest, painters: list[str], counts: dic
                                "identity": identity(job, painters),
                                "class_counts": class_counts(manifest, len(painters)),
                                "mixing_rows": pipeline.mixing_rows(manifest, job.data),
-                               "tracking_uri": uri, "progress": progress},
-            scaling_config=ScalingConfig(
-                num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
-                resources_per_worker={"CPU": scaling.cpus_per_worker,
-                                      **({"GPU": scaling.gpus_per_worker} if scaling.use_gpu else {}),
-                                      **({scaling.worker_resource: 1} if scaling.worker_resource else {})}),
+                               "tracking_uri": uri, "credentials": tracking.sealed_credentials(),
+                               "progress": progress},
+            scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
+                                         resources_per_worker=worker_bundles(scaling)[0]),
             run_config=_run_config(job, callbacks),
             datasets=datasets,
             # Only train is split by Ray (evenly, dropping a remainder); validation, calibration and test read

@@ -18,8 +18,9 @@ COPY --chown=ray:users artnet ./artnet
 COPY --chown=ray:users jobs ./jobs
 # The TensorFlow above already satisfies artnet's `tensorflow>=...`, so pip keeps it.
 RUN pip install --no-cache-dir ".[search]"
-# The image's own check is to come: `python -m artnet.doctor` (being added to artnet) will say whether TensorFlow
-# sees the GPUs, S3 and the tracking server answer; run it here, or on a GPU node, once it exists.
+# The image's own check, on a node that runs it: `python -m artnet.doctor --use-gpu --s3 s3://bucket/prefix` says
+# whether TensorFlow sees the GPUs (and why not), what precision it would train in, and whether S3, MLflow and
+# Ray answer (exit 2 with the fix when one does not).
 # artnet.console.NODE_ENV, for the raylet `ray start` runs on every node (decode workers kept between epochs)
 ENV RAY_idle_worker_killing_time_threshold_ms=60000
 

@@ -1,5 +1,5 @@
-"""`artnet` command line: demo-data, catalog, preview, train, tune, analyze, promote, predict, demo. Each command
-parses options into a config, validates it (failing before any cluster work, naming the field), then makes one
+"""`artnet` command line: demo-data, catalog, preview, train, tune, analyze, promote, predict, demo, doctor. Each
+command parses options into a config, validates it (failing before any cluster work, naming the field), then makes one
 call into the package.
 A user error, wherever it was raised (driver, Ray Train worker, Ray Data task), ends as one `error: ...` line
 and exit status 2; tracebacks are for bugs, or for `--debug`."""
@@ -13,7 +13,7 @@ import time
 
 import pyarrow as pa
 
-from artnet import console
+from artnet import console, doctor
 from artnet.config import (AugmentConfig, CatalogConfig, ConfigError, JobConfig, PipelineConfig, RegistryConfig,
                            override, replace)
 from artnet.data import catalog, demo_data, storage
@@ -404,6 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a folder of paintings, one folder per painter (default $ARTNET_DATA)")
     p.add_argument("--weights", default=os.environ.get("ARTNET_WEIGHTS") or None,
                    help="MobileNetV2 ImageNet weights file (default $ARTNET_WEIGHTS)")
+
+    p = command("doctor", "what a job would get here: GPUs, precision, collectives, S3, Ray, MLflow (exit 2 on a FAIL)")
+    doctor.add_options(p)
     return parser
 
 
@@ -435,6 +438,8 @@ def run(args: argparse.Namespace) -> None:
         run_predict(args)
     elif args.command == "demo":
         demo(args.workdir, args.data, args.weights)
+    elif args.command == "doctor":
+        doctor.run(args)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -168,6 +168,9 @@ class TrainConfig:
     # "Unknown painter": the share of known painters' validation paintings whose calibrated confidence is
     # allowed to fall below the threshold stored with the model (0 = never answer "unknown").
     false_flag_rate: float = 0.1
+    # XLA-compile each step's forward and backward pass (the first step of a phase compiles): usually faster on
+    # GPUs, rarely on CPUs.
+    jit_compile: bool = False
 
     def validate(self) -> None:
         if self.head_epochs < 0 or self.finetune_epochs < 0 or self.head_epochs + self.finetune_epochs == 0:

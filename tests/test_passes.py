@@ -105,3 +105,20 @@ def test_passes_started_ahead_on_two_splits_read_every_row_once_a_pass(ray_local
     for number in range(3):
         first, second = seen[0][number], seen[1][number]
         assert len(first) == len(second) == 32 and sorted(first + second) == list(range(64)), number
+
+
+def test_the_device_gets_uint8_batches_and_no_cross_worker_check_before_each_step():
+    """Under MultiWorkerMirroredStrategy TensorFlow all-reduces "has a batch" before every step unless told that
+    every worker runs the same steps (Ray's equal split): artnet's dataset says so, a plain one (the control)
+    does not; images reach the replicas as uint8, a quarter of float32's bytes."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    out = subprocess.run([sys.executable, str(REPO / "tests" / "helpers" / "input_path.py")], capture_output=True,
+                         text=True, cwd=REPO, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result == {"checks_each_step_ours": False, "checks_each_step_plain": True, "device_dtype": ["uint8"]}

@@ -204,12 +204,24 @@ def test_a_worker_resource_no_node_has_is_refused_before_training(small_catalog,
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "ray_results").exists()
 
 
-@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
-def test_mirrored_over_two_devices_matches_one_device(policy):
-    out = subprocess.run([sys.executable, str(REPO / "tests" / "helpers" / "mirrored_equivalence.py"), policy],
+def mirrored_equivalence(*args: str) -> dict:
+    out = subprocess.run([sys.executable, str(REPO / "tests" / "helpers" / "mirrored_equivalence.py"), *args],
                          capture_output=True, text=True, cwd=REPO, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_xla_compiled_steps_train_as_the_plain_ones():
+    """`train.jit_compile`: the same losses, mirrored or not, as the steps TensorFlow runs op by op."""
+    compiled, plain = mirrored_equivalence("float32", "jit"), mirrored_equivalence("float32")
+    assert compiled["max_weight_diff"] < 1e-5
+    np.testing.assert_allclose(compiled["losses_single"], plain["losses_single"], rtol=1e-5)
+    np.testing.assert_allclose(compiled["losses_mirrored"], plain["losses_mirrored"], rtol=1e-5)
+
+
+@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
+def test_mirrored_over_two_devices_matches_one_device(policy):
+    result = mirrored_equivalence(policy)
     assert result["replicas"] == 2 and result["finite"]
     tolerance = 1e-5 if policy == "float32" else 2e-2
     if policy == "float32":

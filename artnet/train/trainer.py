@@ -28,7 +28,7 @@ from artnet.data import storage
 from artnet.model import backbones
 from artnet.model import bundle
 from artnet.train import balance, schedule
-from artnet.train.passes import Passes, tf_dataset
+from artnet.train.passes import Passes, distributed
 
 CHECKPOINT_STATE = "state.json"
 EXPLAINED_EXAMPLES = 12  # test paintings shown with their Grad-CAM maps in the MLflow run
@@ -118,10 +118,12 @@ def agree_on_finite(grads):
 
 
 def make_train_step(strategy, model, optimizer, global_batch: int, label_smoothing: float = 0.0,
-                    class_counts=None, class_balance: str = "none"):
+                    class_counts=None, class_balance: str = "none", jit_compile: bool = False):
     """One distributed step: returns (mean loss over the global batch, correct predictions). With
     `class_balance` the loss is weighed or logit-adjusted from the training split's `class_counts`. Under float16
-    loss scaling every replica of every worker skips (or applies) a step together (`agree_on_finite`)."""
+    loss scaling every replica of every worker skips (or applies) a step together (`agree_on_finite`).
+    `jit_compile`: the forward and backward pass (nearly all the FLOPs) compiled by XLA; the optimizer's update,
+    whose all-reduce runs across workers, stays outside it."""
     import keras
     import tensorflow as tf
 
@@ -134,17 +136,21 @@ def make_train_step(strategy, model, optimizer, global_batch: int, label_smoothi
     offsets = tf.constant(balance.logit_offsets(counts, class_balance))
     loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
 
-    def replica_step(images, labels):
+    @tf.function(jit_compile=jit_compile)
+    def gradients(images, labels):  # images arrive as uint8: the model casts them on the device
         with tf.GradientTape() as tape:
             logits = model(images, training=True)
             per_example = loss_fn(tf.one_hot(labels, num_classes), logits + offsets) * tf.gather(weights, labels)
             loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
             scaled = optimizer.scale_loss(loss)
-        grads = tape.gradient(scaled, variables)
+        correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels), tf.float32))
+        return loss, correct, tape.gradient(scaled, variables)
+
+    def replica_step(images, labels):
+        loss, correct, grads = gradients(images, labels)
         if loss_scaled:
             grads = agree_on_finite(grads)
         optimizer.apply_gradients(zip(grads, variables))
-        correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels), tf.float32))
         return loss, correct
 
     @tf.function
@@ -380,8 +386,10 @@ def worker_loop(config: dict) -> None:
     num_classes, size, tcfg = len(painters), job.data.image_size, job.train
     total_epochs = tcfg.head_epochs + tcfg.finetune_epochs
     train_shard = ray.train.get_dataset_shard("train")
+    # Each step takes one batch per local replica: Ray Data keeps two steps' worth decoded ahead.
     passes = Passes(lambda: train_shard.iter_batches(batch_size=tcfg.batch_size, batch_format="numpy", drop_last=True,
-                                                     local_shuffle_buffer_size=config["mixing_rows"] or None))
+                                                     local_shuffle_buffer_size=config["mixing_rows"] or None,
+                                                     prefetch_batches=2 * local_replicas(job.scaling)))
     state = _load_state()
     if next_epoch(state, tcfg.head_epochs, total_epochs) < total_epochs:
         passes.start_next()  # Ray Data's start and the first decode tasks run while TensorFlow loads, model builds
@@ -411,7 +419,7 @@ def worker_loop(config: dict) -> None:
     if rank == 0 and state.epoch:
         console.say(progress, f"resuming at epoch {state.epoch + 1}")
 
-    train_data = strategy.distribute_datasets_from_function(lambda _: tf_dataset(passes, size))
+    train_data = distributed(strategy, passes, size)
     if rank == 0:
         tracking.unseal(config.get("credentials"))
     run = tracking.WorkerRun(config["tracking_uri"], config["run_id"]) if rank == 0 else None
@@ -440,7 +448,7 @@ def worker_loop(config: dict) -> None:
                     variable.assign(value)
             optimizer_values = None  # consumed, or it belonged to the other phase
             step_fn = make_train_step(strategy, model, optimizer, global_batch, tcfg.label_smoothing,
-                                      config["class_counts"], tcfg.class_balance)
+                                      config["class_counts"], tcfg.class_balance, tcfg.jit_compile)
             if rank == 0:
                 console.say(progress, f"phase {phase}: {len(model.trainable_variables)} trainable tensors, {unfrozen} "
                             f"backbone layers unfrozen; {replicas} replica(s) on {world} worker(s), global batch "
@@ -620,6 +628,11 @@ def class_counts(manifest, num_classes: int) -> list[int]:
 
 
 DECODE_BUNDLE = {"CPU": 1}  # at least one CPU beside the training workers for Ray Data's decode tasks
+
+
+def local_replicas(scaling) -> int:
+    """Replicas one training worker runs: one per GPU it holds, else one (its CPU)."""
+    return scaling.gpus_per_worker if scaling.use_gpu else 1
 
 
 def worker_bundles(scaling) -> list[dict[str, float]]:

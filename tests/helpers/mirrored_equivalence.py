@@ -1,6 +1,7 @@
 """Run in a fresh process (TF must not be initialised yet): split the CPU into 2 logical devices, then train
 the same model for a few steps with MirroredStrategy over both and with one device, at the same global batch,
-through artnet's own step and input path. Prints JSON with the largest weight difference and losses."""
+through artnet's own step and input path (uint8 images, as the pipeline gives them). Arguments: the precision
+policy, and `jit` to XLA-compile the steps. Prints JSON with the largest weight difference and losses."""
 
 import json
 import sys
@@ -20,8 +21,9 @@ from artnet.train import trainer  # noqa: E402
 
 PER_REPLICA, STEPS, SIZE, CLASSES = 4, 3, 32, 3
 policy = sys.argv[1] if len(sys.argv) > 1 else "float32"
+jit = sys.argv[2:] == ["jit"]
 rng = np.random.default_rng(0)
-images = rng.uniform(0, 255, (PER_REPLICA * 2 * STEPS, SIZE, SIZE, 3)).astype(np.float32)
+images = rng.integers(0, 256, (PER_REPLICA * 2 * STEPS, SIZE, SIZE, 3)).astype(np.uint8)
 labels = rng.integers(0, CLASSES, len(images)).astype(np.int32)
 spec = backbones.get("tiny")
 
@@ -33,7 +35,7 @@ def run(strategy, batch):
         model = build_classifier(spec, ModelConfig(backbone="tiny", weights="none", dropout=0.0), CLASSES, SIZE)
     set_trainable_blocks(model, spec, 2)
     optimizer = trainer.make_optimizer(strategy, model, policy, trainer.warmup_cosine(8, 2, 0.01))
-    step = trainer.make_train_step(strategy, model, optimizer, global_batch=PER_REPLICA * 2)
+    step = trainer.make_train_step(strategy, model, optimizer, global_batch=PER_REPLICA * 2, jit_compile=jit)
     data = strategy.distribute_datasets_from_function(
         lambda _: tf.data.Dataset.from_tensor_slices((images, labels)).batch(batch))
     initial = model.get_weights()

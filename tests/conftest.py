@@ -223,19 +223,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_mlflow_server(root: Path, port: int, artifacts: str = ""):
+def start_mlflow_server(root: Path, port: int, artifacts: str = "", *options: str, env: dict | None = None):
     """A real `mlflow server` on loopback port `port` (sqlite under `root`; artifacts proxied to `artifacts`,
     e.g. an s3:// prefix, default under `root`), once it answers; started again on the same `root` and port, it
-    serves the same runs."""
+    serves the same runs. `options` and `env`: more of its own (e.g. `--app-name basic-auth` and its config)."""
     import subprocess
     import sys
     import time
 
     server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+        [str(Path(sys.executable).parent / "mlflow"), "server", *options, "--host", "127.0.0.1", "--port", str(port),
          "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
          "--artifacts-destination", artifacts or str(root / "artifacts")],
-        stdout=open(root / "server.log", "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+        env={**os.environ, **(env or {})}, stdout=open(root / "server.log", "ab"), stderr=subprocess.STDOUT,
+        start_new_session=True)
     deadline = time.time() + 120
     while not mlflow_answers(port):
         if server.poll() is not None or time.time() > deadline:

@@ -4,9 +4,6 @@ where it happens, and no credential lands in a run's params or tags, nor in Ray'
 
 import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +11,7 @@ import pytest
 from artnet.errors import UserError, find_user_error
 from artnet.track import tracking
 from artnet.train.trainer import worker_env
-from conftest import free_port, mlflow_answers, tiny_job
+from conftest import free_port, start_mlflow_server, tiny_job
 
 ADMIN, PASSWORD = "artnet-admin", "Adm1n-passw0rd-for-tests"
 TOKEN = "tok-never-in-a-run"  # sent along (MLflow prefers username and password): must travel, never be logged
@@ -28,17 +25,8 @@ def auth_server(tmp_path_factory):
     ini.write_text(f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{root / 'auth.db'}\n"
                    f"admin_username = {ADMIN}\nadmin_password = {PASSWORD}\n")
     port = free_port()
-    server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--app-name", "basic-auth", "--host", "127.0.0.1",
-         "--port", str(port), "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--artifacts-destination", str(root / "artifacts")],
-        env={**os.environ, "MLFLOW_AUTH_CONFIG_PATH": str(ini), "MLFLOW_FLASK_SERVER_SECRET_KEY": "tests-only"},
-        stdout=open(root / "server.log", "ab"), stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.time() + 120
-    while not mlflow_answers(port):
-        if server.poll() is not None or time.time() > deadline:
-            raise RuntimeError(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
-        time.sleep(0.5)
+    server = start_mlflow_server(root, port, "", "--app-name", "basic-auth",
+                                 env={"MLFLOW_AUTH_CONFIG_PATH": str(ini), "MLFLOW_FLASK_SERVER_SECRET_KEY": "tests-only"})
     yield f"http://127.0.0.1:{port}"
     os.killpg(server.pid, signal.SIGTERM)  # its own session: the server and its uvicorn worker
     server.wait(timeout=30)

@@ -108,19 +108,21 @@ def is_local_store(uri: str) -> bool:
 
 
 def check_reachable(uri: str, artifacts: str | None, nodes: int) -> None:
-    """On a cluster of several nodes, rank 0 (and a Tune trial) may run on another node than the driver: a store
-    on the driver's disk does not exist there. Refused before any work, with the fix."""
+    """On a cluster of several nodes (`nodes`: up now or addable, `artnet.cluster.Plan.nodes`), rank 0 (and a
+    Tune trial) may run on another node than the driver: a store on the driver's disk does not exist there.
+    Refused before any work, with the fix."""
     from artnet.config import ConfigError
 
     if nodes < 2:
         return
     if is_local_store(uri):
-        raise ConfigError("tracking.tracking_uri", f"is {uri}, on this machine's disk, but the Ray cluster has "
-                          f"{nodes} nodes and training may log from any of them",
+        raise ConfigError("tracking.tracking_uri", f"is {uri}, on this machine's disk, but the job may run on "
+                          f"{nodes} nodes of the Ray cluster and training may log from any of them",
                           "start a tracking server (mlflow server --backend-store-uri postgresql://... "
                           "--artifacts-destination s3://...) and set MLFLOW_TRACKING_URI to it")
     if artifacts and "://" not in artifacts:
-        raise ConfigError("tracking.artifact_location", f"is the local path {artifacts} on a {nodes}-node cluster",
+        raise ConfigError("tracking.artifact_location", f"is the local path {artifacts}, but the job may run on "
+                          f"{nodes} nodes",
                           "use an s3:// location, or leave it empty for the tracking server's")
 
 

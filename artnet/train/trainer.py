@@ -674,7 +674,7 @@ def _unplaceable(job: JobConfig, wanted: cluster.Plan) -> Exception:
     name = scaling.worker_resource
     if name:
         units = sum(n.get(name, 0) for n in wanted.up) + sum(
-            math.inf if t.max_workers < 0 else t.max_workers * t.resources.get(name, 0) for t in types)
+            math.inf if t.max_workers < 0 else t.max_workers * t.resources[name] for t in types if t.resources.get(name))
         if units < scaling.num_workers:
             return ConfigError("scaling.worker_resource", f"asks for one unit of '{name}' per worker, and the cluster "
                                f"has or can add {units:g} for {scaling.num_workers} worker(s)",

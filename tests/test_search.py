@@ -5,7 +5,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 
 from artnet import presets
@@ -13,6 +15,7 @@ from artnet.config import CatalogConfig, ConfigError, override
 from artnet.data import catalog, demo_data
 from artnet.search import embeddings, space
 from artnet.search.estimator import HeadClassifier
+from artnet.search import heads
 from artnet.search.heads import Features, fit_head, logits_of
 from artnet.train import balance
 from conftest import bad_files
@@ -95,6 +98,23 @@ def test_head_learns_features_and_not_shuffled_labels():
     accuracy, _ = head_accuracy(train, test)
     shuffled, _ = head_accuracy((train[0], np.random.default_rng(1).permutation(train[1])), test)
     assert accuracy > 0.9 and shuffled < 0.5  # chance is 0.25
+
+
+def test_head_trains_on_read_only_float16_features():
+    """A trial's features are read-only views of the object store, float16 with search.feature_dtype: the
+    head casts each batch, and neither trains nor scores worse than on float32 (read-only) arrays."""
+    x, y = clusters([60] * 4)
+    half = x.astype(np.float16)
+    for array in (x, half):
+        array.flags.writeable = False
+    job = override(presets.preset("demo"), {"train.patience": "0", "train.lr": "0.05"})
+    fits = [fit_head(Features(a[:160], y[:160]), 4, job.model, job.train, 15, val=Features(a[160:], y[160:]))
+            for a in (x, half)]
+    accuracy = [f.history[-1]["val_accuracy"] for f in fits]
+    assert min(accuracy) > 0.9, accuracy
+    assert abs(logits_of(fits[1].model, half[160:]) - logits_of(fits[1].model, x[160:])).max() < 0.1
+    scores = heads.evaluate(fits[0].model, Features(x[160:], y[160:]), 4, batch_size=7)  # chunk by chunk
+    assert scores["loss"] == pytest.approx(fits[0].history[-1]["val_loss"], rel=1e-6)
 
 
 def test_logit_adjustment_lifts_the_small_painters():
@@ -196,6 +216,146 @@ def test_feature_cache_computes_once_and_serves_painter_subsets(painted, ray_loc
     # Another image size is another cache.
     other = embeddings.ensure(manifest, tiny_job(root, **{"data.image_size": "48"}), str(tmp_path / "cache"), views=0)
     assert other["directory"] != first["directory"] and other["computed"] > 0
+    # float16 is another cache too, holding the same features rounded to float16.
+    half = embeddings.ensure(manifest, tiny_job(root, **{"search.feature_dtype": "float16"}), str(tmp_path / "cache"),
+                             views=0)
+    assert half["directory"] not in (first["directory"], other["directory"]) and half["computed"] > 0
+    wide, narrow = (embeddings.load(sub, d, 0, ("val",))["val"] for d in (first["directory"], half["directory"]))
+    assert narrow.x.dtype == np.float16 and wide.x.dtype == np.float32 and (narrow.y == wide.y).all()
+    np.testing.assert_allclose(narrow.x.astype(np.float32), wide.x, rtol=1e-3, atol=1e-4)
+
+
+def synthetic_cache(directory, dtype, seed=0, views=2, dim=6):
+    """A manifest of 5 painters x 6 paintings and a cache folder laid out as `ensure` writes it (rows in no
+    order, spread over several files), with the features as float32 values; one painting is undecodable (not
+    cached) and one pair is cached twice. Returns (manifest, {(image, view): float32 features})."""
+    rng = np.random.default_rng(seed)
+    n = 30
+    manifest = pa.table({"uri": [f"s3://art/p{i % 5}/{i}.jpg" for i in range(n)], "row": pa.array([-1] * n, pa.int64()),
+                         "label": pa.array([i % 5 for i in range(n)], pa.int32()),
+                         "split": [("train", "train", "train", "val", "test")[i // 5 % 5] for i in range(n)]})
+    pairs = embeddings.requested(manifest, views).select(["image", "view"]).to_pylist()
+    pairs = [p for p in pairs if p["image"] != "s3://art/p3/13.jpg#-1"]  # undecodable
+    values = {(p["image"], p["view"]): rng.standard_normal(dim).astype(np.float32) for p in pairs}
+    rows = [pairs[i] for i in rng.permutation(len(pairs))] + [pairs[4]]  # a pair written twice
+    folder = Path(directory) / embeddings.FEATURES
+    folder.mkdir(parents=True)
+    for k, part in enumerate(np.array_split(np.arange(len(rows)), 4)):
+        x = np.stack([values[(rows[i]["image"], rows[i]["view"])] for i in part]).astype(dtype)
+        pq.write_table(pa.table({"image": [rows[i]["image"] for i in part],
+                                 "view": pa.array([rows[i]["view"] for i in part], pa.int32()),
+                                 "features": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), dim)}),
+                       folder / f"part-{k}.parquet", row_group_size=5)
+    return manifest, values
+
+
+def reference_load(manifest, values, views, splits):
+    """What `load` means, written plainly: per split, the manifest's (image, view) pairs that are cached, in
+    (image, view) order, with their painters."""
+    out = {}
+    for split in splits:
+        rows = [r for r in manifest.to_pylist() if r["split"] == split]
+        keys = sorted((f"{r['uri']}#{r['row']}", v, r["label"]) for r in rows
+                      for v in range(views + 1 if split == "train" else 1))
+        keys = [k for k in keys if k[:2] in values]
+        out[split] = (np.array([values[k[:2]] for k in keys]).reshape(-1, 6), np.array([k[2] for k in keys]))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_load_reads_each_split_in_order_straight_from_the_cache(tmp_path, monkeypatch, dtype):
+    """Batches of 3 rows (or whole row groups) over row groups of 5, files of ~20 rows: every wanted row lands in
+    its place; float16 is the float32 features rounded to float16, and nothing else differs."""
+    manifest, values = synthetic_cache(tmp_path, dtype)
+    for batch, views, splits in ((3, 2, ("train", "val", "test")), (64, 2, ("train", "val", "test")),
+                                 (3, 1, ("train", "val")), (3, 0, ("test",))):
+        monkeypatch.setattr(embeddings, "READ_BATCH_ROWS", batch)
+        got = embeddings.load(manifest, str(tmp_path), views, splits)
+        want = reference_load(manifest, values, views, splits)
+        assert list(got) == list(splits)
+        for split in splits:
+            x, y = want[split]
+            assert got[split].x.dtype == dtype and got[split].x.flags.c_contiguous
+            np.testing.assert_array_equal(got[split].x, x.astype(dtype))
+            np.testing.assert_array_equal(got[split].y, y)
+            assert got[split].y.dtype == np.int64
+    # A painter subset reads only its own rows.
+    sub = manifest.filter(pc.is_in(manifest["label"], pa.array([1, 4], pa.int32())))
+    got, want = embeddings.load(sub, str(tmp_path), 2), reference_load(sub, values, 2, ("train", "val", "test"))
+    for split in want:
+        np.testing.assert_array_equal(got[split].x, want[split][0].astype(dtype))
+
+
+def test_load_refuses_a_folder_that_mixes_float16_and_float32(tmp_path):
+    from artnet.errors import UserError
+
+    manifest, _ = synthetic_cache(tmp_path, np.float32)
+    part = tmp_path / embeddings.FEATURES / "part-1.parquet"
+    table = pq.read_table(part)
+    pq.write_table(table.set_column(2, "features", table["features"].cast(pa.list_(pa.float16(), 6))), part)
+    with pytest.raises(UserError, match="float16|halffloat"):
+        embeddings.load(manifest, str(tmp_path), 2)
+
+
+def test_float16_and_float32_features_are_separate_caches(painted):
+    root, _ = painted
+    wide, half = (embeddings.spec_of(tiny_job(root, **{"search.feature_dtype": d}), 0) for d in ("float32", "float16"))
+    assert (wide.dtype, half.dtype) == ("float32", "float16") and wide.digest() != half.digest()
+    # A float32 cache keeps the folder it had before the dtype was part of the spec.
+    import dataclasses
+    import hashlib
+    import json
+
+    before = {k: v for k, v in dataclasses.asdict(wide).items() if k != "dtype"}
+    assert wide.digest() == hashlib.blake2b(json.dumps(before, sort_keys=True).encode(), digest_size=8).hexdigest()
+    with pytest.raises(ConfigError, match="search.feature_dtype"):
+        tiny_job(root, **{"search.feature_dtype": "bfloat16"}).validate()
+
+
+def test_features_are_written_in_files_of_at_least_the_minimum_rows(ray_local, tmp_path, monkeypatch):
+    """Blocks of 4 rows (as decode blocks come) are bundled into files of at least MIN_ROWS_PER_FILE rows; only
+    a write's last file may hold fewer."""
+    monkeypatch.setattr(embeddings, "MIN_ROWS_PER_FILE", 40)
+
+    def rows(batch):
+        ids = batch["id"]
+        x = np.repeat(ids[:, None], 3, axis=1).astype(np.float16)
+        return pa.table({"image": [f"i{i}" for i in ids], "view": pa.array(np.zeros(len(ids), np.int32)),
+                         "features": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), 3)})
+
+    ds = ray_local.data.range(200, override_num_blocks=50).map_batches(rows, batch_size=None, batch_format="numpy")
+    embeddings.write_features(ds, str(tmp_path / "features"))
+    counts = sorted(pq.ParquetFile(p).metadata.num_rows for p in (tmp_path / "features").glob("*.parquet"))
+    assert sum(counts) == 200 and len(counts) <= 5, counts
+    assert all(c >= 40 for c in counts[1:]), counts
+    table = pq.read_table(tmp_path / "features")
+    assert table.schema.field("features").type == pa.list_(pa.float16(), 3)
+    assert sorted(table["image"].to_pylist()) == sorted(f"i{i}" for i in range(200))
+
+
+def test_a_head_trial_asks_for_memory_and_reads_the_one_object_store_copy(ray_local, monkeypatch):
+    from artnet.search import tune
+
+    job = override(presets.preset("demo"), {"search.max_concurrent": "1"})
+    x, y = clusters([30] * 4, dim=32)
+    data = {"train": Features(x[:100].astype(np.float16), y[:100]), "val": Features(x[100:], y[100:])}
+    refs = {k: ray_local.put(v) for k, v in data.items()}
+    seen, put = {}, ray_local.put
+
+    def no_features_put(value, *args, **kwargs):
+        assert not isinstance(value, Features), "features put again"
+        return put(value, *args, **kwargs)
+
+    monkeypatch.setattr(ray_local, "put", no_features_put)
+    monkeypatch.setattr(tune, "_run_tuner", lambda job, trainable, *args: seen.setdefault("trainable", trainable))
+    dims = space.parse_space({"model.head_width": "choice:64,2048"}, job)
+    tune.search_count(job, dims, refs, 4, "memory", "parent", "sqlite:///unused.db")
+    bundle = seen["trainable"]._resources.bundles[0]
+    assert bundle["CPU"] == 1 and bundle["memory"] >= heads.TRIAL_PROCESS_BYTES
+    wider = heads.trial_memory(data["train"], 1000, 2048, 3) - heads.trial_memory(data["train"], 4, 64, 1)
+    assert wider > 0
+    # What a trial gets: read-only views of the object store's copy.
+    assert not ray_local.get(refs["train"]).x.flags.writeable
 
 
 def test_head_transplant_gives_the_classifier_the_heads_predictions(painted, tmp_path):

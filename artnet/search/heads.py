@@ -2,10 +2,13 @@
 (`classifier.build_head`), trained on embeddings with no backbone in the loop, so a search trial costs
 seconds instead of a pass of the CNN over every image per epoch.
 
-One process, plain Keras `fit` on in-memory arrays (the multi-worker strategy is not needed for a head on
-features). The schedule, early stopping and class balancing are the fine-tuning job's own rules
-(`train.schedule`, `train.balance`), and metrics come from `artnet.metrics`, so a head's validation numbers
-mean the same as a training job's.
+One process, plain Keras `fit` (the multi-worker strategy is not needed for a head on features). The features
+are read where they lie, float16 or float32, read-only object-store views in a Tune trial: each batch is
+gathered, cast to float32 and one-hot labelled on its own, and validation is scored a chunk at a time, so a
+trial never makes a float32 or one-hot copy of a whole split (Keras given the arrays would make both). The
+schedule, early stopping and class balancing are the fine-tuning job's own rules (`train.schedule`,
+`train.balance`), and metrics come from `artnet.metrics`, so a head's validation numbers mean the same as a
+training job's.
 """
 
 from __future__ import annotations
@@ -22,11 +25,18 @@ from artnet.config import ModelConfig, TrainConfig
 from artnet.train import balance, schedule
 
 HEAD_BATCH = 256  # features are small: large batches, and the learning rate scales with them
+SCORE_ROWS = 4096  # rows a head scores at a time (validation, test)
+# A trial process's own memory besides the head and its batches: Python, TensorFlow, Keras, Ray's worker. A
+# head trial (3 x 1024 units, 100 painters) on 20k x 2048 features read in place peaked at 0.54 GB (float32)
+# and 0.62 GB (float16) of private resident memory; the features stayed shared (the object store's pages).
+TRIAL_PROCESS_BYTES = 512 << 20
+PREFETCHED_BATCHES = 16  # tf.data's AUTOTUNE prefetch of training batches, an upper bound
 
 
 @dataclass
 class Features:
-    """Backbone features of one split: x is (n, dim) float32, y the painter labels."""
+    """Backbone features of one split: x is (n, dim) float32 or float16 (possibly a read-only view), y the
+    painter labels."""
 
     x: np.ndarray
     y: np.ndarray
@@ -61,18 +71,67 @@ def fit_head(train: Features, num_classes: int, model_cfg: ModelConfig, train_cf
 
     head.compile(optimizer=keras.optimizers.Adam(rate), loss=loss)
     tracker = _EpochTracker(head, val, num_classes, train_cfg.patience, on_epoch)
-    head.fit(train.x, keras.utils.to_categorical(train.y, num_classes),
-             sample_weight=balance.class_weights(counts, train_cfg.class_balance)[train.y],
-             batch_size=batch_size, epochs=epochs, shuffle=True, verbose=0, callbacks=[tracker])
+    batches = _Batches(train, num_classes, balance.class_weights(counts, train_cfg.class_balance), batch_size,
+                       train_cfg.seed)
+    head.fit(batches, epochs=epochs, shuffle=False, verbose=0, callbacks=[tracker])
     # A fresh, uncompiled copy: it saves and pickles without the training loss (a closure).
     trained = classifier.build_head(model_cfg, num_classes, train.x.shape[1])
     trained.set_weights(tracker.best_weights if tracker.best_weights is not None else head.get_weights())
     return HeadFit(trained, tracker.history)
 
 
-def logits_of(head, x: np.ndarray, batch_size: int = 4096) -> np.ndarray:
-    return np.concatenate([np.asarray(head(x[i:i + batch_size], training=False)) for i in range(0, len(x), batch_size)]
+def logits_of(head, x: np.ndarray, batch_size: int = SCORE_ROWS) -> np.ndarray:
+    return np.concatenate([np.asarray(head(np.asarray(x[i:i + batch_size], np.float32), training=False))
+                           for i in range(0, len(x), batch_size)]
                           or [np.zeros((0, head.output_shape[-1]), np.float32)])
+
+
+def evaluate(head, features: Features, num_classes: int, batch_size: int = SCORE_ROWS) -> dict[str, float]:
+    """`metrics.evaluate_logits` of a head on features, tallied a chunk at a time: the logits of a whole split
+    (n x painters, and float64 temporaries of that size) are never held at once."""
+    cm, top3, loss_sum = np.zeros((num_classes, num_classes), np.int64), 0, 0.0
+    for i in range(0, len(features.y), batch_size):
+        logits = logits_of(head, features.x[i:i + batch_size], batch_size)
+        c, t, s = metrics.tally(features.y[i:i + batch_size], logits, num_classes)
+        cm, top3, loss_sum = cm + c, top3 + t, loss_sum + s
+    return metrics.summarize(cm, top3, loss_sum)
+
+
+def trial_memory(train: Features, num_classes: int, widest: int, depth: int, batch_size: int = HEAD_BATCH) -> int:
+    """Bytes a head trial allocates itself, with half again as margin: its process, the head (weights, gradients,
+    Adam's two moments, the best weights kept) for up to `depth` layers of `widest` units, the prefetched
+    batches and one validation chunk's scoring. The features are not counted: a trial reads them in place
+    (the object store's copy, one per node, shared by every trial there)."""
+    dim = train.x.shape[1]
+    params = dim * widest + max(depth - 1, 0) * widest * widest + widest * num_classes if depth else dim * num_classes
+    batches = PREFETCHED_BATCHES * batch_size * (dim * (train.x.itemsize + 4) + num_classes * 4 + 16)
+    scoring = SCORE_ROWS * (dim * 4 + num_classes * 4 * 9)  # float32 input and logits, tally's float64 copies
+    return int(1.5 * (TRIAL_PROCESS_BYTES + 5 * 4 * params + batches + scoring))
+
+
+class _Batches(keras.utils.PyDataset):
+    """Training batches drawn from features left where they are: each one gathered (rows ascending), cast to
+    float32, its labels one-hot and weighted, in a new seeded order every epoch."""
+
+    def __init__(self, train: Features, num_classes: int, class_weights: np.ndarray, batch_size: int, seed: int):
+        super().__init__()
+        self.x, self.y, self.class_weights = train.x, train.y, np.asarray(class_weights, np.float32)
+        self.num_classes, self.batch_size = num_classes, batch_size
+        self.rng = np.random.default_rng(seed)
+        self.order = self.rng.permutation(len(self.y))
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.y) / self.batch_size)
+
+    def __getitem__(self, i: int):
+        rows = np.sort(self.order[i * self.batch_size:(i + 1) * self.batch_size])
+        y = self.y[rows]
+        onehot = np.zeros((len(rows), self.num_classes), np.float32)
+        onehot[np.arange(len(rows)), y] = 1.0
+        return self.x[rows].astype(np.float32, copy=False), onehot, self.class_weights[y]
+
+    def on_epoch_end(self) -> None:
+        self.order = self.rng.permutation(len(self.y))
 
 
 class _EpochTracker(keras.callbacks.Callback):
@@ -88,7 +147,7 @@ class _EpochTracker(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         record = {"epoch": epoch + 1, "train_loss": float((logs or {}).get("loss", math.nan))}
         if self.val is not None:
-            scores, _ = metrics.evaluate_logits(self.val.y, logits_of(self.head, self.val.x), self.num_classes)
+            scores = evaluate(self.head, self.val, self.num_classes)
             record.update({f"val_{k}": v for k, v in scores.items() if k != "images"})
             if scores["loss"] < self.best_loss:
                 self.best_loss, self.best_weights = scores["loss"], self.head.get_weights()

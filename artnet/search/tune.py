@@ -18,11 +18,11 @@ import io
 import json
 import time
 
-from artnet import cluster, console, metrics
+from artnet import cluster, console
 from artnet.config import CatalogConfig, ConfigError, JobConfig, override, replace
 from artnet.data import catalog, storage
 from artnet.search import embeddings
-from artnet.search.heads import Features, fit_head, logits_of
+from artnet.search.heads import Features, fit_head
 from artnet.search.space import Dimension, split, to_tune
 
 SUMMARY_COLUMNS = ("painters", "trials", "stopped_early", "best_config", "val_metric", "head_test_accuracy",
@@ -33,7 +33,8 @@ SUMMARY_COLUMNS = ("painters", "trials", "stopped_early", "best_config", "val_me
 
 def head_trial(config: dict, *, base: JobConfig, train: Features, val: Features, num_classes: int) -> None:
     """One Tune trial: the sampled fields over the base config, a head trained on the features, every epoch
-    reported (validation metrics only: trials never see the test split)."""
+    reported (validation metrics only: trials never see the test split). The features are read-only views of
+    the object store's one copy; the head reads them in place."""
     from ray import tune
 
     _one_thread_per_trial()
@@ -90,17 +91,27 @@ def _concurrency(job: JobConfig) -> int:
     return max(1, int(cluster.current().total("CPU", grown=True)) - 1)  # one CPU for Ray's own work
 
 
-def search_count(job: JobConfig, dims: list[Dimension], data: dict[str, Features], num_classes: int,
+def search_count(job: JobConfig, dims: list[Dimension], data: dict, num_classes: int,
                  name: str, parent_run_id: str, uri: str):
-    """Run (or resume) one count's head search; returns Tune's ResultGrid."""
+    """Run (or resume) one count's head search; returns Tune's ResultGrid. `data` holds the train and val
+    Features, or object refs to them: put in the object store once, every trial reads that copy in place."""
+    import ray
     from ray import tune
     from ray.air.integrations.mlflow import MLflowLoggerCallback
 
+    from artnet.search.heads import trial_memory
     from artnet.track import tracking
 
-    trainable = tune.with_resources(
-        tune.with_parameters(head_trial, base=job, train=data["train"], val=data["val"], num_classes=num_classes),
-        {"cpu": 1})
+    refs = {s: data[s] if isinstance(data[s], ray.ObjectRef) else ray.put(data[s]) for s in ("train", "val")}
+    # Each trial asks for the memory it allocates itself, so Ray packs no more trials on a node than it holds.
+    sizes = {"model.head_width": job.model.head_width, "model.head_depth": job.model.head_depth}
+    for d in dims:
+        if d.field in sizes:
+            sizes[d.field] = max([sizes[d.field]] + [int(float(v)) for v in d.values])
+    memory = trial_memory(ray.get(refs["train"]), num_classes, sizes["model.head_width"], sizes["model.head_depth"])
+    trainable = tune.with_resources(  # with_parameters keeps refs as they are: no copy per trial
+        tune.with_parameters(head_trial, base=job, train=refs["train"], val=refs["val"], num_classes=num_classes),
+        {"cpu": 1, "memory": memory})
     logger = MLflowLoggerCallback(tracking_uri=uri, experiment_name=job.tracking.experiment,
                                   tags={tracking.PARENT_TAG: parent_run_id, "artnet.painter_count": str(num_classes)})
     return _run_tuner(job, trainable, dims, name, job.search.samples, job.search.epochs, _concurrency(job), [logger])
@@ -183,6 +194,9 @@ def _save_head(head, uri: str) -> None:
 def run_count(job: JobConfig, dims: list[Dimension], manifest, painters: list[str], count: int, features_dir: str,
               parent_run_id: str, uri: str) -> dict:
     """Search one painter count, score its best head on test, fine-tune it if asked: one summary row."""
+    import ray
+
+    from artnet.search.heads import evaluate
     from artnet.track import tracking
     from artnet.train import trainer
 
@@ -191,8 +205,12 @@ def run_count(job: JobConfig, dims: list[Dimension], manifest, painters: list[st
     keep = catalog.top_painters(manifest, count) if count < len(painters) else painters
     sub, names = catalog.subset(manifest, painters, keep)
     data = embeddings.load(sub, features_dir, job.search.views, splits=("train", "val"))
+    # Into the object store once: the trials and the retraining below read that copy in place (read-only
+    # views), and the driver's own copy goes.
+    refs = {split_name: ray.put(features) for split_name, features in data.items()}
+    data = {split_name: ray.get(ref) for split_name, ref in refs.items()}
     name = f"{job.name}-{count}painters"
-    results = search_count(job, head_dims, data, len(names), name, parent_run_id, uri)
+    results = search_count(job, head_dims, refs, len(names), name, parent_run_id, uri)
     best, best_epoch = _best(results, job)
     trials = [r for r in results if r.metrics]
     stopped = sum(1 for r in trials if r.metrics.get("training_iteration", 0) < job.search.epochs)
@@ -200,7 +218,7 @@ def run_count(job: JobConfig, dims: list[Dimension], manifest, painters: list[st
     # The chosen config, retrained for its best epoch count; only now is the test split read, once.
     final = fit_head(data["train"], len(names), chosen.model, chosen.train, best_epoch, val=data["val"])
     test = embeddings.load(sub, features_dir, 0, splits=("test",))["test"]
-    head_test, _ = metrics.evaluate_logits(test.y, logits_of(final.model, test.x), len(names))
+    head_test = evaluate(final.model, test, len(names))
     out = storage.join(trainer.results_dir(job), job.name, f"{count}painters")
     _save_head(final.model, storage.join(out, "head.weights.h5"))
     row = {"painters": len(names), "trials": len(trials), "stopped_early": stopped,

@@ -17,7 +17,7 @@ from conftest import REPO
 
 
 def test_each_worker_gets_every_address_and_its_own_index(monkeypatch):
-    monkeypatch.delenv("TF_CONFIG", raising=False)
+    monkeypatch.setenv("TF_CONFIG", "")  # restored after the test: later tests' TensorFlow must not read these
     addresses = ["10.0.0.1:4000", "10.0.0.2:4001", "[fd00::3]:4002"]
     backend.set_tf_config(addresses, 2)
     assert json.loads(os.environ["TF_CONFIG"]) == {"cluster": {"worker": addresses},

@@ -5,6 +5,7 @@ import json
 import os
 
 os.environ["CUDA_VISIBLE_DEVICES"] = ""
+os.environ.pop("TF_CONFIG", None)  # a local strategy, whatever cluster the calling process was told of
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 

@@ -180,8 +180,9 @@ def autoscaling_cluster(tmp_path, tmp_path_factory, s3_endpoint):
 
 def test_a_job_asks_the_autoscaler_for_its_nodes_and_trains_on_them(autoscaling_cluster, s3_bucket, tmp_path):
     """A fresh autoscaling cluster has no node with `trainer`: the job asks the autoscaler, says what it waits
-    for, trains once the node has joined, and ran its workers there. Asks that no node type can meet are refused
-    in one line before any work, naming the field."""
+    for, trains once the node has joined, and ran its workers there. Asks that no node type can meet, and
+    checkpoints on the driver's disk of a cluster that can grow, are refused in one line before any work, naming
+    the field."""
     import ray
 
     gcs, env = autoscaling_cluster
@@ -208,7 +209,9 @@ def test_a_job_asks_the_autoscaler_for_its_nodes_and_trains_on_them(autoscaling_
         gpu = train("--use-gpu", "--name", "gpu")  # no node type has a GPU
         assert gpu.returncode == 2 and "config field 'scaling.num_workers'" in gpu.stderr
         assert "gpu_worker {CPU: 1, trainer: 1}" in gpu.stderr, "it names what the autoscaler could add"
-        assert "waiting" not in two.stdout + gpu.stdout
+        local = train("--name", "local", "--storage-path", str(tmp_path / "ray_results"))  # the last flag wins
+        assert local.returncode == 2 and "config field 'storage_path'" in local.stderr and "s3://" in local.stderr
+        assert "waiting" not in two.stdout + gpu.stdout + local.stdout
 
         ray.init(address=gcs)
         try:

@@ -32,7 +32,7 @@ class NodeType:
     max_workers: int  # -1: no limit
 
     def holds(self, bundle: dict[str, float]) -> bool:
-        return all(self.resources.get(k, 0) >= v for k, v in bundle.items() if v)
+        return _fits(bundle, self.resources)
 
 
 @dataclass(frozen=True)
@@ -208,15 +208,14 @@ def current(bundles: list[dict[str, float]] | None = None) -> Plan:
     return plan(bundles or [], nodes_up(), types, max_workers)
 
 
-def ensure(bundles: list[dict[str, float]], wait_s: float, what: str) -> Plan:
-    """The plan for `bundles`, with the nodes it launches up: asks the autoscaler for them, says on the
-    console what it waits for, and returns once they have joined. Raises `TimeoutError` after `wait_s`
+def ensure(bundles: list[dict[str, float]], wanted: Plan, wait_s: float, what: str) -> None:
+    """Brings up the nodes `wanted` (the plan for `bundles`) launches: asks the autoscaler for them, says on
+    the console what it waits for, and returns once they have joined. Raises `TimeoutError` after `wait_s`
     (the request withdrawn). The caller refuses a plan with `unplaced` bundles before calling this."""
     from ray.autoscaler.sdk import request_resources
 
-    wanted = current(bundles)
-    if wanted.unplaced or not wanted.launch:
-        return wanted
+    if not wanted.launch:
+        return
     request_resources(bundles=bundles)
     adding = ", ".join(f"{n} x {name}" for name, n in wanted.launch.items())
     console.log.info("waiting for the autoscaler to add %s for %s (up to %.0f s: scaling.wait_for_nodes_s)",
@@ -227,7 +226,7 @@ def ensure(bundles: list[dict[str, float]], wait_s: float, what: str) -> Plan:
         now = nodes_up()
         if not pack(bundles, now):
             console.log.info("%d node(s) up after %.0f s", len(now), time.time() - started)
-            return current(bundles)
+            return
         if len(now) != seen:
             seen = len(now)
             console.log.info("%d node(s) up after %.0f s, waiting for more", seen, time.time() - started)

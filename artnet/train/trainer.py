@@ -642,10 +642,14 @@ def worker_bundles(scaling) -> list[dict[str, float]]:
     return [bundle] * scaling.num_workers
 
 
+def _job_bundles(job: JobConfig) -> list[dict[str, float]]:
+    return worker_bundles(job.scaling) + [DECODE_BUNDLE]
+
+
 def plan_cluster(job: JobConfig) -> cluster.Plan:
     """The cluster the job will run on: the nodes up and those the autoscaler will add for its workers (and a
     CPU for decoding). Refused before any work if they fit on no node, up or addable."""
-    wanted = cluster.current(worker_bundles(job.scaling) + [DECODE_BUNDLE])
+    wanted = cluster.current(_job_bundles(job))
     if wanted.unplaced:
         raise _unplaceable(job, wanted)
     return wanted
@@ -655,10 +659,8 @@ def wait_for_nodes(job: JobConfig, wanted: cluster.Plan) -> None:
     """Asks the autoscaler for the nodes `wanted` adds and waits for them (`scaling.wait_for_nodes_s`)."""
     from artnet.config import ConfigError
 
-    if not wanted.launch:
-        return
     try:
-        cluster.ensure(worker_bundles(job.scaling) + [DECODE_BUNDLE], job.scaling.wait_for_nodes_s,
+        cluster.ensure(_job_bundles(job), wanted, job.scaling.wait_for_nodes_s,
                        f"{job.scaling.num_workers} training worker(s)")
     except TimeoutError as e:
         raise ConfigError("scaling.wait_for_nodes_s", f"is {job.scaling.wait_for_nodes_s:g}: {e}",
